@@ -1,0 +1,36 @@
+//! agentlab: disposable, isolated QEMU sandboxes for AI coding agents.
+//!
+//! One static binary plays three roles (see `DESIGN.md` §1): the CLI, the
+//! daemon that owns every sandbox, and the agent inside each guest. The map:
+//!
+//! - `cli`      argument parsing and output for each command group
+//! - `api`      HTTP/1.1 + JSON over the daemon's Unix socket (codec, server, client)
+//! - `daemon`   the event loop, the sandbox lifecycle manager, leases, the reconciler
+//! - `model`    sandboxes, events and the state machine (pure)
+//! - `store`    sled trees and keys
+//! - `config`   `config.yaml` and profiles (parse, validate, resolve)
+//! - `backend`  `trait Backend` and the local QEMU backend
+//! - `qmp`      QEMU Machine Protocol client
+//! - `framing`  newline-delimited JSON framing shared by QMP and the guest agent
+//! - `qcow`     qcow2 overlay writer and header validator
+//! - `image`    base images and the default guest (kernel + busybox initramfs + ext4)
+//! - `guest`    what the binary does inside the default guest
+//! - `sys`      the only place with `unsafe`: ioctls, pidfds, process inspection
+//! - `time`     RFC 3339 timestamps and `30m`-style durations
+//! - `log`      a small leveled logger for the daemon
+
+pub mod api;
+pub mod backend;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod framing;
+pub mod guest;
+pub mod image;
+pub mod log;
+pub mod model;
+pub mod qcow;
+pub mod qmp;
+pub mod store;
+pub mod sys;
+pub mod time;
