@@ -59,3 +59,20 @@ macro_rules! warn { ($($t:tt)*) => { $crate::log::write($crate::log::Level::Warn
 macro_rules! info { ($($t:tt)*) => { $crate::log::write($crate::log::Level::Info, format_args!($($t)*)) } }
 #[macro_export]
 macro_rules! debug { ($($t:tt)*) => { $crate::log::write($crate::log::Level::Debug, format_args!($($t)*)) } }
+
+/// An error and its sources, joined by ": " (`cannot open db: permission denied`).
+/// Printed once, at the top; error messages do not repeat their source.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let msg = s.to_string();
+        // Some library errors embed their source already; don't say it twice.
+        if !out.ends_with(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        cur = s.source();
+    }
+    out
+}

@@ -83,7 +83,9 @@ impl Store {
         };
         match store.meta.get(KEY_SCHEMA)? {
             None => {
-                store.meta.insert(KEY_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+                store
+                    .meta
+                    .insert(KEY_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
                 store.db.flush()?;
             }
             Some(v) => {
@@ -101,7 +103,11 @@ impl Store {
     }
 
     pub fn schema_version(&self) -> Result<u32, StoreError> {
-        Ok(self.meta.get(KEY_SCHEMA)?.map(|v| read_u32(&v)).unwrap_or(0))
+        Ok(self
+            .meta
+            .get(KEY_SCHEMA)?
+            .map(|v| read_u32(&v))
+            .unwrap_or(0))
     }
 
     /// The next VMID: one past every VMID ever handed out (never reused,
@@ -129,7 +135,12 @@ impl Store {
     /// Writes `sb` and appends `draft`, atomically. When `expect_updated` is
     /// given, the stored record must still carry that `updated_at` (optimistic
     /// concurrency: callers hold a per-sandbox lock, this catches mistakes).
-    pub fn write(&self, sb: &Sandbox, expect_updated: Option<Timestamp>, draft: EventDraft) -> Result<Event, StoreError> {
+    pub fn write(
+        &self,
+        sb: &Sandbox,
+        expect_updated: Option<Timestamp>,
+        draft: EventDraft,
+    ) -> Result<Event, StoreError> {
         let id = self.next_event_id()?;
         let event = draft.finish(id, Timestamp::now());
         let sb_json = serde_json::to_vec(sb).expect("sandbox serializes");
@@ -209,7 +220,12 @@ impl Store {
     }
 
     /// A sandbox's events after `after` (exclusive), oldest first, at most `limit`.
-    pub fn events_for(&self, vmid: u32, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
+    pub fn events_for(
+        &self,
+        vmid: u32,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError> {
         let start = index_key(vmid, after.saturating_add(1));
         let end = index_key(vmid, u64::MAX);
         let mut out = Vec::new();
@@ -332,7 +348,8 @@ mod tests {
 
     impl TempDb {
         fn new(tag: &str) -> TempDb {
-            let dir = std::env::temp_dir().join(format!("agentlab-store-{tag}-{}", std::process::id()));
+            let dir =
+                std::env::temp_dir().join(format!("agentlab-store-{tag}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             let store = Store::open(&dir).unwrap();
             TempDb { dir, store }
@@ -383,7 +400,10 @@ mod tests {
         let t = TempDb::new("reuse");
         let v = t.store.allocate_vmid().unwrap();
         t.store
-            .create(&sandbox(v, State::Requested), EventDraft::new(Some(v), "sandbox.create", "x"))
+            .create(
+                &sandbox(v, State::Requested),
+                EventDraft::new(Some(v), "sandbox.create", "x"),
+            )
             .unwrap();
         t.store.remove(v).unwrap();
         assert_eq!(t.store.allocate_vmid().unwrap(), v + 1);
@@ -395,7 +415,10 @@ mod tests {
         let sb = sandbox(1000, State::Ready);
         let ev = t
             .store
-            .create(&sb, EventDraft::transition(1000, State::Booting, State::Ready, "ready"))
+            .create(
+                &sb,
+                EventDraft::transition(1000, State::Booting, State::Ready, "ready"),
+            )
             .unwrap();
         assert_eq!(t.store.get(1000).unwrap().unwrap(), sb);
         assert_eq!(t.store.tail_for(1000, 10).unwrap(), vec![ev]);
@@ -405,10 +428,16 @@ mod tests {
     fn stale_update_is_a_conflict() {
         let t = TempDb::new("conflict");
         let sb = sandbox(1000, State::Ready);
-        t.store.create(&sb, EventDraft::new(Some(1000), "k", "m")).unwrap();
+        t.store
+            .create(&sb, EventDraft::new(Some(1000), "k", "m"))
+            .unwrap();
         let err = t
             .store
-            .write(&sb, Some(Timestamp(999)), EventDraft::new(Some(1000), "k", "m"))
+            .write(
+                &sb,
+                Some(Timestamp(999)),
+                EventDraft::new(Some(1000), "k", "m"),
+            )
             .unwrap_err();
         assert!(matches!(err, StoreError::Conflict(1000)));
     }
@@ -417,17 +446,30 @@ mod tests {
     fn events_are_per_sandbox_and_ordered() {
         let t = TempDb::new("events");
         for (vmid, msg) in [(1000, "a"), (1001, "b"), (1000, "c")] {
-            t.store.append_event(EventDraft::new(Some(vmid), "k", msg)).unwrap();
+            t.store
+                .append_event(EventDraft::new(Some(vmid), "k", msg))
+                .unwrap();
         }
-        let msgs: Vec<String> = t.store.events_for(1000, 0, 10).unwrap().into_iter().map(|e| e.msg).collect();
+        let msgs: Vec<String> = t
+            .store
+            .events_for(1000, 0, 10)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.msg)
+            .collect();
         assert_eq!(msgs, vec!["a", "c"]);
     }
 
     #[test]
     fn events_after_skips_seen_ids() {
         let t = TempDb::new("after");
-        let first = t.store.append_event(EventDraft::new(None, "k", "1")).unwrap();
-        t.store.append_event(EventDraft::new(None, "k", "2")).unwrap();
+        let first = t
+            .store
+            .append_event(EventDraft::new(None, "k", "1"))
+            .unwrap();
+        t.store
+            .append_event(EventDraft::new(None, "k", "2"))
+            .unwrap();
         let later = t.store.events_after(first.id, 10).unwrap();
         assert_eq!(later.len(), 1);
         assert_eq!(later[0].msg, "2");
@@ -437,19 +479,32 @@ mod tests {
     fn tail_returns_the_last_n_oldest_first() {
         let t = TempDb::new("tail");
         for i in 0..5 {
-            t.store.append_event(EventDraft::new(Some(7), "k", i.to_string())).unwrap();
+            t.store
+                .append_event(EventDraft::new(Some(7), "k", i.to_string()))
+                .unwrap();
         }
-        let msgs: Vec<String> = t.store.tail_for(7, 2).unwrap().into_iter().map(|e| e.msg).collect();
+        let msgs: Vec<String> = t
+            .store
+            .tail_for(7, 2)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.msg)
+            .collect();
         assert_eq!(msgs, vec!["3", "4"]);
     }
 
     #[test]
     fn data_survives_reopen() {
-        let dir = std::env::temp_dir().join(format!("agentlab-store-reopen-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("agentlab-store-reopen-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         {
             let s = Store::open(&dir).unwrap();
-            s.create(&sandbox(1000, State::Stopped), EventDraft::new(Some(1000), "k", "m")).unwrap();
+            s.create(
+                &sandbox(1000, State::Stopped),
+                EventDraft::new(Some(1000), "k", "m"),
+            )
+            .unwrap();
         }
         let s = Store::open(&dir).unwrap();
         assert_eq!(s.get(1000).unwrap().unwrap().state, State::Stopped);
@@ -460,7 +515,8 @@ mod tests {
 
     #[test]
     fn newer_schema_is_refused() {
-        let dir = std::env::temp_dir().join(format!("agentlab-store-schema-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("agentlab-store-schema-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         {
             let s = Store::open(&dir).unwrap();

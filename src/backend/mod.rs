@@ -1,1 +1,202 @@
-//! (being written)
+//! `trait Backend`: what sandbox orchestration needs from a hypervisor.
+//!
+//! The lifecycle manager (`daemon::manager`) owns states, leases and events;
+//! a backend owns machines: it makes a sandbox's disk, runs and stops its VM,
+//! reverts the disk, destroys everything it made, finds VMs again after a
+//! daemon restart, and lists what it made that nobody owns any more. The local
+//! backend is `qemu`; the Proxmox VE backend implements the same trait.
+//!
+//! Backends report what happens to a VM on their own (the guest became ready,
+//! it powered off, QEMU died) through the [`EventSink`] they were built with.
+
+pub mod qemu;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::config::Profile;
+use crate::model::{Disk, Runtime, Sandbox};
+
+/// Something that happened to a running VM, reported by its backend.
+#[derive(Clone, Debug, PartialEq)]
+pub enum VmEvent {
+    /// The guest reported in (its ready line, or its agent answered).
+    Ready,
+    /// One line of the guest's console, as it was written.
+    Console(String),
+    /// The hypervisor process is gone.
+    Exited(ExitInfo),
+}
+
+#[derive(Clone, Debug, PartialEq, Default, Serialize)]
+pub struct ExitInfo {
+    /// Exit status when the process was our child.
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    /// QEMU's `SHUTDOWN` reason (`guest-shutdown`, `host-qmp-quit`, …).
+    pub reason: Option<String>,
+    /// The guest kernel panicked.
+    pub panicked: bool,
+    /// The end of QEMU's stderr for this run.
+    pub stderr_tail: String,
+}
+
+impl ExitInfo {
+    /// The guest powered itself off cleanly (`poweroff`, ACPI button).
+    pub fn clean_guest_shutdown(&self) -> bool {
+        !self.panicked
+            && self.reason.as_deref() == Some("guest-shutdown")
+            && self.code.unwrap_or(0) == 0
+    }
+
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if self.panicked {
+            parts.push("the guest kernel panicked".to_string());
+        }
+        if let Some(r) = &self.reason {
+            parts.push(format!("shutdown reason {r}"));
+        }
+        match (self.code, self.signal) {
+            (Some(c), _) => parts.push(format!("exit status {c}")),
+            (None, Some(s)) => parts.push(format!("killed by signal {s}")),
+            _ => {}
+        }
+        if parts.is_empty() {
+            parts.push("exited".into());
+        }
+        let mut s = parts.join(", ");
+        let tail = self.stderr_tail.trim();
+        if !tail.is_empty() {
+            s.push_str("; qemu said: ");
+            s.push_str(tail);
+        }
+        s
+    }
+}
+
+pub type EventSink = Arc<dyn Fn(u32, VmEvent) + Send + Sync>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopMode {
+    /// ACPI power button, then a hard stop after `grace`.
+    Graceful { grace: Duration },
+    /// Stop the VM now (the guest gets no chance to sync).
+    Hard,
+}
+
+/// What provisioning made.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Provisioned {
+    pub disk: Option<Disk>,
+    /// How readiness is decided (`console:<marker>`, `running`, `agent`).
+    pub ready_on: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Adoption {
+    /// The VM still runs and is monitored again.
+    Running(Runtime),
+    /// The VM is gone.
+    Gone,
+}
+
+/// Something a backend made that no live sandbox owns.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Orphan {
+    /// `process` or `path`.
+    pub kind: &'static str,
+    pub vmid: Option<u32>,
+    pub pid: Option<u32>,
+    pub path: Option<String>,
+    pub why: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct BackendStatus {
+    pub kind: &'static str,
+    /// `kvm` or `tcg`, and why.
+    pub accel: String,
+    pub accel_reason: String,
+    pub hypervisor_version: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The request cannot work as asked; the user must change something.
+    #[error("{0}")]
+    User(String),
+    /// The host could not do it.
+    #[error("{msg}")]
+    Host {
+        msg: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+}
+
+impl BackendError {
+    pub fn user(msg: impl Into<String>) -> BackendError {
+        BackendError::User(msg.into())
+    }
+
+    pub fn host(msg: impl Into<String>) -> BackendError {
+        BackendError::Host {
+            msg: msg.into(),
+            source: None,
+        }
+    }
+
+    pub fn host_with(
+        msg: impl Into<String>,
+        e: impl std::error::Error + Send + Sync + 'static,
+    ) -> BackendError {
+        BackendError::Host {
+            msg: msg.into(),
+            source: Some(Box::new(e)),
+        }
+    }
+
+    pub fn is_user_error(&self) -> bool {
+        matches!(self, BackendError::User(_))
+    }
+}
+
+pub trait Backend: Send + Sync {
+    fn kind(&self) -> &'static str;
+
+    fn status(&self) -> BackendStatus;
+
+    /// Makes the sandbox's disk (and whatever else it needs before boot).
+    fn provision(
+        &self,
+        sb: &Sandbox,
+        profile: &Profile,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Provisioned, BackendError>;
+
+    /// Starts the VM; returns once the process runs and is monitored.
+    fn start(&self, sb: &Sandbox) -> Result<Runtime, BackendError>;
+
+    /// Stops the VM; returns once it is gone. A VM that is not running is not an error.
+    fn stop(&self, sb: &Sandbox, mode: StopMode) -> Result<(), BackendError>;
+
+    /// Puts the disk back to its state at provisioning. The VM must be stopped.
+    fn revert(&self, sb: &Sandbox) -> Result<(), BackendError>;
+
+    /// Stops the VM if needed and removes everything the sandbox made. Idempotent.
+    fn destroy(&self, sb: &Sandbox) -> Result<(), BackendError>;
+
+    /// After a daemon restart: is this sandbox's VM still running? If so, monitor it again.
+    fn adopt(&self, sb: &Sandbox) -> Result<Adoption, BackendError>;
+
+    /// What this backend made that none of `live` owns.
+    fn orphans(&self, live: &[Sandbox]) -> Vec<Orphan>;
+
+    fn remove_orphan(&self, orphan: &Orphan) -> Result<(), BackendError>;
+
+    /// The guest console's log file, for `agentlab logs`.
+    fn console_log(&self, vmid: u32) -> Option<std::path::PathBuf>;
+}

@@ -23,7 +23,9 @@ pub fn probe(dev: &str) -> Result<(), String> {
     if v == KVM_API_VERSION {
         Ok(())
     } else {
-        Err(format!("{dev} answered API version {v}, expected {KVM_API_VERSION}"))
+        Err(format!(
+            "{dev} answered API version {v}, expected {KVM_API_VERSION}"
+        ))
     }
 }
 

@@ -1,0 +1,455 @@
+//! One running QEMU process and the threads that watch it.
+//!
+//! A [`Vm`] is made by [`Vm::launch`] (spawn QEMU in its own session, wait for
+//! its QMP socket, negotiate) or [`Vm::attach`] (after a daemon restart: find
+//! the sockets of a QEMU that kept running). Three threads then watch it:
+//! - the QMP reader (in `qmp`), which records `SHUTDOWN` reasons and panics;
+//! - the console reader, which logs the serial console and reports the ready line;
+//! - the exit watcher, which waits for the process to end (`waitpid` for our
+//!   own child, a pidfd for an adopted one) and reports how it ended.
+//!
+//! None of these threads takes a lock the daemon's operations hold while they
+//! wait on QMP, so an operation waiting for a reply can never deadlock them.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::cmdline::{AGENT_SOCK, CONSOLE_SOCK, PID_FILE, QMP_SOCK};
+use super::console::{ConsoleLog, LineSplitter};
+use crate::backend::{BackendError, EventSink, ExitInfo, VmEvent};
+use crate::qmp::{Notice, Qmp, QmpError};
+use crate::sys::process::{self, PidFd, Signal};
+use crate::time::Timestamp;
+
+/// How long QEMU may take to open its QMP socket after exec.
+const QMP_APPEAR_TIMEOUT: Duration = Duration::from_secs(30);
+const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+/// What the exit report quotes of QEMU's stderr.
+const STDERR_TAIL: u64 = 4096;
+/// The kernel's panic banner; the console reader watches for it.
+const PANIC_LINE: &str = "Kernel panic - not syncing";
+
+/// Where one VM's files live.
+#[derive(Clone, Debug)]
+pub struct VmPaths {
+    /// `/run/agentlab/vms/<vmid>`: sockets and pidfile.
+    pub run_dir: PathBuf,
+    /// `<sandboxes_dir>/<vmid>/qemu.log`: QEMU's stdout and stderr.
+    pub qemu_log: PathBuf,
+    /// `<sandboxes_dir>/<vmid>/console.log`.
+    pub console_log: PathBuf,
+}
+
+/// What launching needs besides the argv.
+pub struct LaunchSpec {
+    pub vmid: u32,
+    pub binary: String,
+    pub argv: Vec<String>,
+    pub paths: VmPaths,
+    /// `console:<marker>` or `running`.
+    pub ready_on: String,
+    pub console_max: u64,
+}
+
+#[derive(Default)]
+struct Shared {
+    shutdown_reason: Option<String>,
+    panicked: bool,
+    exit: Option<ExitInfo>,
+}
+
+pub struct Vm {
+    pub vmid: u32,
+    pub pid: u32,
+    qmp: Mutex<Option<Qmp>>,
+    console_in: Mutex<Option<UnixStream>>,
+    shared: Arc<(Mutex<Shared>, Condvar)>,
+}
+
+impl Vm {
+    pub fn launch(spec: LaunchSpec, sink: EventSink) -> Result<Arc<Vm>, BackendError> {
+        prepare_run_dir(&spec.paths.run_dir)?;
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&spec.paths.qemu_log)
+            .map_err(|e| {
+                BackendError::host_with(format!("cannot open {}", spec.paths.qemu_log.display()), e)
+            })?;
+        let _ = writeln!(
+            log,
+            "=== {} starting {} {}",
+            Timestamp::now(),
+            spec.binary,
+            spec.argv.join(" ")
+        );
+        let log_offset = log.metadata().map(|m| m.len()).unwrap_or(0);
+        let stderr = log
+            .try_clone()
+            .map_err(|e| BackendError::host_with("cannot dup the qemu log", e))?;
+        let mut cmd = Command::new(&spec.binary);
+        cmd.args(&spec.argv)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(stderr));
+        let mut child = process::spawn_detached(&mut cmd).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => BackendError::host(format!(
+                "{} not found; install it: apt-get install qemu-system-x86",
+                spec.binary
+            )),
+            _ => BackendError::host_with(format!("cannot start {}", spec.binary), e),
+        })?;
+        let pid = child.id();
+        let shared = Arc::new((Mutex::new(Shared::default()), Condvar::new()));
+        let qmp = match wait_for_qmp(&spec, &mut child, &shared) {
+            Ok(q) => q,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let tail = read_tail(&spec.paths.qemu_log, log_offset);
+                return Err(e.with_stderr(&tail));
+            }
+        };
+        let vm = Arc::new(Vm {
+            vmid: spec.vmid,
+            pid,
+            qmp: Mutex::new(Some(qmp)),
+            console_in: Mutex::new(None),
+            shared,
+        });
+        let console = vm.start_console(&spec.paths, &spec.ready_on, spec.console_max, sink.clone());
+        vm.start_exit_watcher(Exit::Child(child), console, spec.paths, log_offset, sink);
+        Ok(vm)
+    }
+
+    /// Re-attaches to a QEMU that survived a daemon restart.
+    pub fn attach(spec: LaunchSpec, pid: u32, sink: EventSink) -> Result<Arc<Vm>, BackendError> {
+        let pidfd = PidFd::open(pid)
+            .map_err(|e| BackendError::host_with(format!("cannot watch pid {pid}"), e))?;
+        let shared = Arc::new((Mutex::new(Shared::default()), Condvar::new()));
+        let qmp =
+            connect_qmp(&spec.paths.run_dir.join(QMP_SOCK), spec.vmid, &shared).map_err(|e| {
+                BackendError::host_with(format!("sandbox {}: cannot reconnect QMP", spec.vmid), e)
+            })?;
+        let vm = Arc::new(Vm {
+            vmid: spec.vmid,
+            pid,
+            qmp: Mutex::new(Some(qmp)),
+            console_in: Mutex::new(None),
+            shared,
+        });
+        let log_offset = std::fs::metadata(&spec.paths.qemu_log)
+            .map(|m| m.len())
+            .unwrap_or(0);
+        let console = vm.start_console(&spec.paths, &spec.ready_on, spec.console_max, sink.clone());
+        vm.start_exit_watcher(Exit::Adopted(pidfd), console, spec.paths, log_offset, sink);
+        Ok(vm)
+    }
+
+    pub fn qmp(
+        &self,
+        command: &str,
+        args: Option<Value>,
+        timeout: Duration,
+    ) -> Result<Value, QmpError> {
+        let guard = lock(&self.qmp);
+        match guard.as_ref() {
+            Some(q) => q.execute(command, args, timeout),
+            None => Err(QmpError::Disconnected),
+        }
+    }
+
+    /// Bytes typed into the serial console.
+    pub fn console_write(&self, data: &[u8]) -> std::io::Result<()> {
+        match lock(&self.console_in).as_mut() {
+            Some(s) => s.write_all(data),
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "console not connected",
+            )),
+        }
+    }
+
+    pub fn exited(&self) -> Option<ExitInfo> {
+        lock(&self.shared.0).exit.clone()
+    }
+
+    /// Waits until the process has exited; true if it did within `timeout`.
+    pub fn wait_exit(&self, timeout: Duration) -> bool {
+        let (m, cv) = &*self.shared;
+        let guard = lock(m);
+        let (guard, _) = cv
+            .wait_timeout_while(guard, timeout, |s| s.exit.is_none())
+            .unwrap_or_else(|e| e.into_inner());
+        guard.exit.is_some()
+    }
+
+    /// `quit` over QMP, then SIGKILL if QEMU does not go.
+    pub fn hard_stop(&self) -> Result<(), BackendError> {
+        if self.wait_exit(Duration::ZERO) {
+            return Ok(());
+        }
+        match self.qmp("quit", None, Duration::from_secs(5)) {
+            Ok(_) | Err(QmpError::Disconnected) => {}
+            Err(e) => crate::warn!("sandbox {}: quit failed ({e}); killing qemu", self.vmid),
+        }
+        if self.wait_exit(Duration::from_secs(5)) {
+            return Ok(());
+        }
+        crate::warn!(
+            "sandbox {}: qemu (pid {}) ignored quit; sending SIGKILL",
+            self.vmid,
+            self.pid
+        );
+        let _ = process::signal(self.pid, Signal::Kill);
+        if self.wait_exit(Duration::from_secs(10)) {
+            Ok(())
+        } else {
+            Err(BackendError::host(format!(
+                "sandbox {}: qemu (pid {}) survived SIGKILL",
+                self.vmid, self.pid
+            )))
+        }
+    }
+
+    fn start_console(
+        &self,
+        paths: &VmPaths,
+        ready_on: &str,
+        max: u64,
+        sink: EventSink,
+    ) -> Option<JoinHandle<()>> {
+        let stream = UnixStream::connect(paths.run_dir.join(CONSOLE_SOCK)).ok()?;
+        *lock(&self.console_in) = stream.try_clone().ok();
+        let marker = ready_on.strip_prefix("console:").map(str::to_string);
+        let mut log = ConsoleLog::open(&paths.console_log, max);
+        let (vmid, shared) = (self.vmid, self.shared.clone());
+        std::thread::Builder::new()
+            .name(format!("console-{vmid}"))
+            .spawn(move || console_loop(stream, vmid, marker, &mut log, &shared, &sink))
+            .ok()
+    }
+
+    fn start_exit_watcher(
+        self: &Arc<Self>,
+        exit: Exit,
+        console: Option<JoinHandle<()>>,
+        paths: VmPaths,
+        log_offset: u64,
+        sink: EventSink,
+    ) {
+        let vm = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("exit-{}", self.vmid))
+            .spawn(move || {
+                let (code, signal) = exit.wait();
+                // The console socket closes with QEMU; let its last lines land first.
+                if let Some(h) = console {
+                    let _ = h.join();
+                }
+                let info = {
+                    let (m, cv) = &*vm.shared;
+                    let mut s = lock(m);
+                    let info = ExitInfo {
+                        code,
+                        signal,
+                        reason: s.shutdown_reason.clone(),
+                        panicked: s.panicked,
+                        stderr_tail: read_tail(&paths.qemu_log, log_offset),
+                    };
+                    s.exit = Some(info.clone());
+                    cv.notify_all();
+                    info
+                };
+                *lock(&vm.qmp) = None;
+                *lock(&vm.console_in) = None;
+                clean_run_dir(&paths.run_dir);
+                sink(vm.vmid, VmEvent::Exited(info));
+            });
+        if let Err(e) = spawned {
+            crate::error!("sandbox {}: cannot start the exit watcher: {e}", self.vmid);
+        }
+    }
+}
+
+enum Exit {
+    Child(Child),
+    Adopted(PidFd),
+}
+
+impl Exit {
+    fn wait(self) -> (Option<i32>, Option<i32>) {
+        match self {
+            Exit::Child(mut c) => match c.wait() {
+                Ok(st) => (st.code(), st.signal()),
+                Err(_) => (None, None),
+            },
+            Exit::Adopted(fd) => {
+                while !fd.wait_exit(Duration::from_secs(3600)) {}
+                (None, None)
+            }
+        }
+    }
+}
+
+fn wait_for_qmp(
+    spec: &LaunchSpec,
+    child: &mut Child,
+    shared: &Arc<(Mutex<Shared>, Condvar)>,
+) -> Result<Qmp, LaunchError> {
+    let sock = spec.paths.run_dir.join(QMP_SOCK);
+    let deadline = Instant::now() + QMP_APPEAR_TIMEOUT;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(LaunchError::Exited(status));
+        }
+        if sock.exists() {
+            match connect_qmp(&sock, spec.vmid, shared) {
+                Ok(q) => return Ok(q),
+                // Bound but not yet listening: try again shortly.
+                Err(QmpError::Connect { .. }) => {}
+                Err(e) => return Err(LaunchError::Qmp(e)),
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(LaunchError::NoSocket(QMP_APPEAR_TIMEOUT));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn connect_qmp(
+    sock: &Path,
+    vmid: u32,
+    shared: &Arc<(Mutex<Shared>, Condvar)>,
+) -> Result<Qmp, QmpError> {
+    let shared = shared.clone();
+    Qmp::connect(
+        sock,
+        QMP_TIMEOUT,
+        Box::new(move |n| {
+            if let Notice::Event(ev) = n {
+                crate::debug!("sandbox {vmid}: qmp event {} {}", ev.name, ev.data);
+                let mut s = lock(&shared.0);
+                match ev.name.as_str() {
+                    "SHUTDOWN" => s.shutdown_reason = ev.data["reason"].as_str().map(String::from),
+                    "GUEST_PANICKED" => s.panicked = true,
+                    _ => {}
+                }
+            }
+        }),
+    )
+}
+
+enum LaunchError {
+    Exited(std::process::ExitStatus),
+    NoSocket(Duration),
+    Qmp(QmpError),
+}
+
+impl LaunchError {
+    fn with_stderr(self, stderr: &str) -> BackendError {
+        let said = if stderr.trim().is_empty() {
+            String::new()
+        } else {
+            format!(": {}", stderr.trim())
+        };
+        match self {
+            LaunchError::Exited(st) => {
+                BackendError::host(format!("qemu exited at once ({st}){said}"))
+            }
+            LaunchError::NoSocket(t) => BackendError::host(format!(
+                "qemu did not open its QMP socket within {t:?}{said}"
+            )),
+            LaunchError::Qmp(e) => {
+                BackendError::host_with(format!("QMP handshake with qemu failed{said}"), e)
+            }
+        }
+    }
+}
+
+fn console_loop(
+    mut stream: UnixStream,
+    vmid: u32,
+    marker: Option<String>,
+    log: &mut ConsoleLog,
+    shared: &Arc<(Mutex<Shared>, Condvar)>,
+    sink: &EventSink,
+) {
+    let mut splitter = LineSplitter::default();
+    let mut buf = [0u8; 16 * 1024];
+    let mut ready_sent = false;
+    loop {
+        let n = match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        for line in splitter.feed(&buf[..n]) {
+            log.append(Timestamp::now(), &line);
+            if line.contains(PANIC_LINE) {
+                lock(&shared.0).panicked = true;
+            }
+            let is_ready = marker.as_deref().is_some_and(|m| line.contains(m));
+            sink(vmid, VmEvent::Console(line));
+            if is_ready && !ready_sent {
+                ready_sent = true;
+                sink(vmid, VmEvent::Ready);
+            }
+        }
+    }
+    if let Some(rest) = splitter.pending() {
+        log.append(Timestamp::now(), &rest);
+    }
+}
+
+fn prepare_run_dir(dir: &Path) -> Result<(), BackendError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| BackendError::host_with(format!("cannot create {}", dir.display()), e))?;
+    clean_run_dir(dir);
+    Ok(())
+}
+
+/// Removes the sockets and pidfile QEMU leaves behind.
+pub fn clean_run_dir(dir: &Path) {
+    for f in [QMP_SOCK, CONSOLE_SOCK, AGENT_SOCK, PID_FILE] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+}
+
+/// The end of QEMU's log written after `offset`, minus our own header line.
+fn read_tail(path: &Path, offset: u64) -> String {
+    let Ok(mut f) = File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = offset.max(len.saturating_sub(STDERR_TAIL));
+    if f.seek(SeekFrom::Start(start)).is_err() {
+        return String::new();
+    }
+    let mut raw = Vec::new();
+    let _ = f.take(STDERR_TAIL).read_to_end(&mut raw);
+    String::from_utf8_lossy(&raw)
+        .lines()
+        .filter(|l| !l.starts_with("=== "))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
