@@ -14,7 +14,7 @@ pub mod qemu;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::Profile;
 use crate::model::{Disk, Runtime, Sandbox};
@@ -104,19 +104,19 @@ pub enum Adoption {
 }
 
 /// Something a backend made that no live sandbox owns.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Orphan {
     /// `process` or `path`.
-    pub kind: &'static str,
+    pub kind: String,
     pub vmid: Option<u32>,
     pub pid: Option<u32>,
     pub path: Option<String>,
     pub why: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BackendStatus {
-    pub kind: &'static str,
+    pub kind: String,
     /// `kvm` or `tcg`, and why.
     pub accel: String,
     pub accel_reason: String,
@@ -199,4 +199,29 @@ pub trait Backend: Send + Sync {
 
     /// The guest console's log file, for `agentlab logs`.
     fn console_log(&self, vmid: u32) -> Option<std::path::PathBuf>;
+
+    /// Types bytes into a running sandbox's serial console.
+    fn console_write(&self, vmid: u32, _data: &[u8]) -> Result<(), BackendError> {
+        Err(BackendError::user(format!(
+            "sandbox {vmid}: the {} backend has no serial console input",
+            self.kind()
+        )))
+    }
+
+    /// Images this backend can boot (name, path, problems).
+    fn images(&self) -> Vec<crate::image::store::ImageSummary> {
+        Vec::new()
+    }
+
+    /// Builds the default guest image; `force` rebuilds it.
+    fn build_default_image(
+        &self,
+        _force: bool,
+        _progress: &mut dyn FnMut(&str),
+    ) -> Result<(), BackendError> {
+        Err(BackendError::user(format!(
+            "the {} backend has no local images",
+            self.kind()
+        )))
+    }
 }

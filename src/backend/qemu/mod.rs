@@ -78,12 +78,8 @@ impl QemuBackend {
         }
     }
 
-    pub fn images(&self) -> &ImageStore {
-        &self.images
-    }
-
     /// Builds the default guest unless it exists (or `force`).
-    pub fn build_default_image(
+    fn build_default(
         &self,
         force: bool,
         progress: &mut dyn FnMut(&str),
@@ -209,16 +205,6 @@ impl QemuBackend {
             .remove(&vmid);
     }
 
-    /// Writes the console input of a running sandbox.
-    pub fn console_write(&self, vmid: u32, data: &[u8]) -> Result<(), BackendError> {
-        let vm = self
-            .vm(vmid)
-            .ok_or_else(|| BackendError::user(format!("sandbox {vmid} is not running")))?;
-        vm.console_write(data).map_err(|e| {
-            BackendError::host_with(format!("sandbox {vmid}: cannot write to the console"), e)
-        })
-    }
-
     /// Our QEMU processes: (pid, vmid) for every process whose argv names a
     /// socket under our `vms` dir.
     fn our_processes(&self) -> Vec<(u32, u32)> {
@@ -287,7 +273,7 @@ impl Backend for QemuBackend {
 
     fn status(&self) -> BackendStatus {
         BackendStatus {
-            kind: "qemu",
+            kind: "qemu".into(),
             accel: self.accel.as_str().to_string(),
             accel_reason: self.accel_reason.clone(),
             hypervisor_version: match self.qemu_version() {
@@ -306,7 +292,7 @@ impl Backend for QemuBackend {
         self.qemu_version()?;
         if profile.image == DEFAULT_IMAGE && !self.images.has_manifest(DEFAULT_IMAGE) {
             progress("building the default guest image (first use)");
-            self.build_default_image(false, progress)?;
+            self.build_default(false, progress)?;
         }
         let image = self.images.resolve(&profile.image).map_err(image_error)?;
         let wanted = profile
@@ -496,7 +482,7 @@ impl Backend for QemuBackend {
         for (pid, vmid) in self.our_processes() {
             if !running(vmid, pid) {
                 out.push(Orphan {
-                    kind: "process",
+                    kind: "process".into(),
                     vmid: Some(vmid),
                     pid: Some(pid),
                     path: None,
@@ -517,7 +503,7 @@ impl Backend for QemuBackend {
                 };
                 if orphaned {
                     out.push(Orphan {
-                        kind: "path",
+                        kind: "path".into(),
                         vmid: name.parse().ok(),
                         pid: None,
                         path: Some(e.path().display().to_string()),
@@ -563,6 +549,27 @@ impl Backend for QemuBackend {
 
     fn console_log(&self, vmid: u32) -> Option<PathBuf> {
         Some(self.paths(vmid).1.console_log)
+    }
+
+    fn console_write(&self, vmid: u32, data: &[u8]) -> Result<(), BackendError> {
+        let vm = self
+            .vm(vmid)
+            .ok_or_else(|| BackendError::user(format!("sandbox {vmid} is not running")))?;
+        vm.console_write(data).map_err(|e| {
+            BackendError::host_with(format!("sandbox {vmid}: cannot write to the console"), e)
+        })
+    }
+
+    fn images(&self) -> Vec<crate::image::store::ImageSummary> {
+        self.images.list()
+    }
+
+    fn build_default_image(
+        &self,
+        force: bool,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<(), BackendError> {
+        self.build_default(force, progress)
     }
 }
 

@@ -1,0 +1,679 @@
+//! The sandbox lifecycle manager: every state change goes through here.
+//!
+//! Each operation takes the sandbox's own lock, re-reads the record, checks
+//! the action against the state machine (`model::check_action`), asks the
+//! backend to do the work, and records the new state with its event in one
+//! store write. Backends report what happens on their own (ready line, guest
+//! poweroff, crash) through [`Manager::on_vm_event`], which takes the same
+//! lock; an exit the manager itself caused is expected and not a crash.
+//!
+//! Leases and boot deadlines are enforced by [`Manager::tick`]; what survives
+//! a daemon restart is sorted out by `daemon::reconcile`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::bus::{Bus, BusItem};
+use crate::api::types::{
+    CreateRequest, PruneResponse, RenewResponse, RevertResponse, StatusResponse,
+};
+use crate::backend::{Backend, BackendError, StopMode, VmEvent};
+use crate::config::{Config, Profile, Profiles};
+use crate::model::{self, check_action, Action, EventDraft, Sandbox, State};
+use crate::store::{Store, StoreError};
+use crate::time::{parse_duration, Timestamp};
+
+/// What went wrong, sorted by who must act: 4xx the caller, 5xx the host.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error(transparent)]
+    WrongState(#[from] model::StateError),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Host(String),
+}
+
+impl OpError {
+    pub fn status(&self) -> u16 {
+        match self {
+            OpError::NotFound(_) => 404,
+            OpError::BadRequest(_) => 400,
+            OpError::WrongState(_) | OpError::Conflict(_) => 409,
+            OpError::Host(_) => 500,
+        }
+    }
+}
+
+impl From<StoreError> for OpError {
+    fn from(e: StoreError) -> OpError {
+        OpError::Host(crate::log::error_chain(&e))
+    }
+}
+
+impl From<BackendError> for OpError {
+    fn from(e: BackendError) -> OpError {
+        let msg = crate::log::error_chain(&e);
+        if e.is_user_error() {
+            OpError::BadRequest(msg)
+        } else {
+            OpError::Host(msg)
+        }
+    }
+}
+
+pub struct Manager {
+    cfg: Config,
+    store: Store,
+    backend: Arc<dyn Backend>,
+    bus: Bus,
+    locks: Mutex<HashMap<u32, Arc<Mutex<()>>>>,
+    /// Sandboxes whose VM an operation is stopping on purpose.
+    expecting_exit: Mutex<HashSet<u32>>,
+    /// Bumped on every record change; waiters sleep on it.
+    changed: (Mutex<u64>, Condvar),
+    started_at: Timestamp,
+    started: Instant,
+}
+
+impl Manager {
+    pub fn new(cfg: Config, store: Store, backend: Arc<dyn Backend>, bus: Bus) -> Manager {
+        Manager {
+            cfg,
+            store,
+            backend,
+            bus,
+            locks: Mutex::new(HashMap::new()),
+            expecting_exit: Mutex::new(HashSet::new()),
+            changed: (Mutex::new(0), Condvar::new()),
+            started_at: Timestamp::now(),
+            started: Instant::now(),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn bus(&self) -> &Bus {
+        &self.bus
+    }
+
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    fn lock_of(&self, vmid: u32) -> Arc<Mutex<()>> {
+        lock(&self.locks).entry(vmid).or_default().clone()
+    }
+
+    /// Writes the record and its event, then tells everyone who listens.
+    pub(crate) fn record(&self, sb: &Sandbox, draft: EventDraft) -> Result<(), OpError> {
+        let ev = self.store.write(sb, None, draft)?;
+        crate::info!("sandbox {}: {} ({})", sb.vmid, ev.msg, sb.state);
+        self.bus.publish(BusItem::Event(ev));
+        let (m, cv) = &self.changed;
+        *lock(m) += 1;
+        cv.notify_all();
+        Ok(())
+    }
+
+    /// Moves `sb` to `to` and records it. Refuses transitions the table forbids.
+    pub(crate) fn transition(&self, sb: &mut Sandbox, to: State, msg: &str) -> Result<(), OpError> {
+        let from = sb.state;
+        if from != to && !from.can_become(to) {
+            return Err(OpError::Host(format!(
+                "sandbox {}: internal error: {from} cannot become {to}",
+                sb.vmid
+            )));
+        }
+        sb.state = to;
+        sb.updated_at = Timestamp::now();
+        self.record(sb, EventDraft::transition(sb.vmid, from, to, msg))
+    }
+
+    pub(crate) fn note(&self, sb: &Sandbox, kind: &str, msg: &str, data: serde_json::Value) {
+        match self
+            .store
+            .append_event(EventDraft::new(Some(sb.vmid), kind, msg).with_data(data))
+        {
+            Ok(ev) => self.bus.publish(BusItem::Event(ev)),
+            Err(e) => crate::warn!("sandbox {}: cannot record event: {e}", sb.vmid),
+        }
+    }
+
+    /// `1000` or a name → the sandbox record.
+    pub fn find(&self, id: &str) -> Result<Sandbox, OpError> {
+        let found = match id.parse::<u32>() {
+            Ok(vmid) => self.store.get(vmid)?,
+            Err(_) => self
+                .store
+                .list()?
+                .into_iter()
+                .filter(|s| s.name == id)
+                .max_by_key(|s| (s.state != State::Destroyed, s.vmid)),
+        };
+        found.ok_or_else(|| {
+            OpError::NotFound(format!(
+                "no sandbox {id:?}; `agentlab sandbox list` shows the ones that exist"
+            ))
+        })
+    }
+
+    pub fn list(&self, all: bool) -> Result<Vec<Sandbox>, OpError> {
+        Ok(self
+            .store
+            .list()?
+            .into_iter()
+            .filter(|s| all || s.state != State::Destroyed)
+            .collect())
+    }
+
+    pub fn profiles(&self) -> Result<Profiles, OpError> {
+        Profiles::load(&self.cfg.profiles_dir).map_err(|e| OpError::BadRequest(crate::log::error_chain(&e)))
+    }
+
+    // ---- create -------------------------------------------------------
+
+    pub fn create(self: &Arc<Self>, req: CreateRequest) -> Result<Sandbox, OpError> {
+        let profiles = self.profiles()?;
+        let profile = profiles
+            .resolve(req.profile.as_deref(), &req.modifiers)
+            .map_err(|e| OpError::BadRequest(crate::log::error_chain(&e)))?
+            .clone();
+        let ttl = match (&req.ttl, req.ttl_minutes) {
+            (Some(_), Some(_)) => return Err(OpError::BadRequest("give ttl or ttl_minutes, not both".into())),
+            (Some(t), None) => Some(parse_duration(t).map_err(|e| OpError::BadRequest(format!("--ttl: {e}")))?),
+            (None, Some(m)) => Some(Duration::from_secs(m.saturating_mul(60))),
+            (None, None) => profile
+                .behavior
+                .ttl_minutes_default
+                .filter(|m| *m > 0)
+                .map(|m| Duration::from_secs(u64::from(m) * 60))
+                .or(self.cfg.default_ttl),
+        };
+        if ttl.is_some_and(|t| t.is_zero()) {
+            return Err(OpError::BadRequest("a TTL must be longer than zero".into()));
+        }
+        if let Some(name) = &req.name {
+            model::validate_name(name).map_err(OpError::BadRequest)?;
+            if self.list(false)?.iter().any(|s| &s.name == name) {
+                return Err(OpError::Conflict(format!("a sandbox named {name:?} already exists")));
+            }
+        }
+        let vmid = self.store.allocate_vmid()?;
+        let now = Timestamp::now();
+        let sb = Sandbox {
+            vmid,
+            name: req.name.clone().unwrap_or_else(|| format!("sbx-{vmid}")),
+            profile: profile.name.clone(),
+            state: State::Requested,
+            backend: self.backend.kind().to_string(),
+            keepalive: req.keepalive.unwrap_or(profile.behavior.keepalive_default),
+            ttl_seconds: ttl.map(|t| t.as_secs()),
+            lease_expires_at: ttl.map(|t| now.plus(t)),
+            created_at: now,
+            updated_at: now,
+            resources: model::Resources {
+                cores: profile.resources.cores,
+                memory_mb: profile.resources.memory_mb,
+            },
+            ready_on: String::new(),
+            disk: None,
+            runtime: None,
+            mac: model::mac_for(vmid),
+            ip: None,
+            last_error: None,
+            spec: serde_json::to_value(&profile).unwrap_or_default(),
+        };
+        let ev = self.store.create(
+            &sb,
+            EventDraft::new(Some(vmid), "sandbox.state", format!("requested with profile {}", profile.name))
+                .with_data(json!({"profile": profile.name, "ttl_seconds": sb.ttl_seconds, "keepalive": sb.keepalive})),
+        )?;
+        crate::info!("sandbox {vmid}: requested (profile {})", profile.name);
+        self.bus.publish(BusItem::Event(ev));
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name(format!("provision-{vmid}"))
+            .spawn(move || me.provision_and_boot(vmid, &profile))
+            .map_err(|e| OpError::Host(format!("cannot start provisioning: {e}")))?;
+        if req.wait {
+            let deadline = self.cfg.provisioning_timeout + self.cfg.boot_timeout;
+            return self.wait_settled(vmid, deadline);
+        }
+        Ok(sb)
+    }
+
+    fn provision_and_boot(&self, vmid: u32, profile: &Profile) {
+        let l = self.lock_of(vmid);
+        let _g = lock(&l);
+        let Ok(Some(mut sb)) = self.store.get(vmid) else { return };
+        if sb.state != State::Requested {
+            return;
+        }
+        if let Err(e) = self.provision_locked(&mut sb, profile) {
+            self.fail(&mut sb, &e.to_string());
+            return;
+        }
+        if let Err(e) = self.boot_locked(&mut sb) {
+            self.fail(&mut sb, &e.to_string());
+        }
+    }
+
+    fn provision_locked(&self, sb: &mut Sandbox, profile: &Profile) -> Result<(), OpError> {
+        self.transition(sb, State::Provisioning, "provisioning")?;
+        let started = Instant::now();
+        let mut progress = |line: &str| self.note(sb, "sandbox.progress", line, serde_json::Value::Null);
+        let made = self.backend.provision(&sb.clone(), profile, &mut progress)?;
+        sb.disk = made.disk;
+        sb.ready_on = made.ready_on;
+        sb.updated_at = Timestamp::now();
+        let data = json!({"duration_ms": started.elapsed().as_millis() as u64, "disk": sb.disk});
+        self.record(sb, EventDraft::new(Some(sb.vmid), "sandbox.provisioned", "disk ready").with_data(data))
+    }
+
+    /// Starts the VM of a sandbox whose lock the caller holds.
+    fn boot_locked(&self, sb: &mut Sandbox) -> Result<(), OpError> {
+        self.transition(sb, State::Booting, "booting")?;
+        let rt = self.backend.start(sb)?;
+        sb.runtime = Some(rt.clone());
+        sb.last_error = None;
+        sb.updated_at = Timestamp::now();
+        let msg = format!("hypervisor started (pid {}, {})", rt.pid, rt.accel);
+        self.record(sb, EventDraft::new(Some(sb.vmid), "sandbox.runtime", msg).with_data(json!(rt)))?;
+        if sb.ready_on == "running" {
+            self.transition(sb, State::Ready, "ready (no readiness signal for this image: running counts)")?;
+        }
+        Ok(())
+    }
+
+    fn fail(&self, sb: &mut Sandbox, why: &str) {
+        crate::error!("sandbox {}: {why}", sb.vmid);
+        // Whatever half-started must not keep running behind a FAILED record.
+        self.expect_exit(sb.vmid, true);
+        if let Err(e) = self.backend.stop(sb, StopMode::Hard) {
+            crate::warn!("sandbox {}: cleanup after failure: {e}", sb.vmid);
+        }
+        self.expect_exit(sb.vmid, false);
+        sb.runtime = None;
+        sb.last_error = Some(why.to_string());
+        if let Err(e) = self.transition(sb, State::Failed, why) {
+            crate::error!("sandbox {}: cannot record failure: {e}", sb.vmid);
+        }
+    }
+
+    fn expect_exit(&self, vmid: u32, on: bool) {
+        let mut set = lock(&self.expecting_exit);
+        if on {
+            set.insert(vmid);
+        } else {
+            set.remove(&vmid);
+        }
+    }
+
+    /// Waits until the sandbox is READY or can no longer get there.
+    pub fn wait_settled(&self, vmid: u32, timeout: Duration) -> Result<Sandbox, OpError> {
+        let deadline = Instant::now() + timeout;
+        let (m, cv) = &self.changed;
+        let mut gen = lock(m);
+        loop {
+            let sb = self.find(&vmid.to_string())?;
+            let settled = matches!(
+                sb.state,
+                State::Ready | State::Running | State::Completed | State::Failed | State::Stopped
+                    | State::Timeout | State::Destroyed
+            );
+            if settled {
+                return Ok(sb);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(OpError::Host(format!(
+                    "sandbox {vmid} is still {} after {timeout:?}; see `agentlab logs {vmid}`",
+                    sb.state
+                )));
+            }
+            gen = cv
+                .wait_timeout(gen, left.min(Duration::from_secs(1)))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    // ---- user operations on one sandbox -------------------------------
+
+    pub fn start(&self, id: &str, wait: bool) -> Result<Sandbox, OpError> {
+        let vmid = self.find(id)?.vmid;
+        {
+            let l = self.lock_of(vmid);
+            let _g = lock(&l);
+            let mut sb = self.find(id)?;
+            check_action(vmid, sb.state, Action::Start, false)?;
+            if sb.disk.is_none() {
+                let profile: Profile = serde_json::from_value(sb.spec.clone())
+                    .map_err(|e| OpError::Host(format!("sandbox {vmid}: stored profile unreadable: {e}")))?;
+                self.provision_locked(&mut sb, &profile).inspect_err(|e| self.fail(&mut sb, &e.to_string()))?;
+            }
+            if let Err(e) = self.boot_locked(&mut sb) {
+                self.fail(&mut sb, &e.to_string());
+                return Err(e);
+            }
+        }
+        self.maybe_wait(vmid, wait)
+    }
+
+    fn maybe_wait(&self, vmid: u32, wait: bool) -> Result<Sandbox, OpError> {
+        if wait {
+            self.wait_settled(vmid, self.cfg.boot_timeout)
+        } else {
+            self.find(&vmid.to_string())
+        }
+    }
+
+    pub fn stop(&self, id: &str, force: bool) -> Result<Sandbox, OpError> {
+        let vmid = self.find(id)?.vmid;
+        let l = self.lock_of(vmid);
+        let _g = lock(&l);
+        let mut sb = self.find(id)?;
+        check_action(vmid, sb.state, Action::Stop, force)?;
+        let mode = if force {
+            StopMode::Hard
+        } else {
+            StopMode::Graceful {
+                grace: self.cfg.stop_timeout,
+            }
+        };
+        self.expect_exit(vmid, true);
+        let r = self.backend.stop(&sb, mode);
+        self.expect_exit(vmid, false);
+        r?;
+        sb.runtime = None;
+        self.transition(&mut sb, State::Stopped, if force { "stopped (forced)" } else { "stopped" })?;
+        Ok(sb)
+    }
+
+    pub fn destroy(&self, id: &str, force: bool) -> Result<Sandbox, OpError> {
+        let vmid = self.find(id)?.vmid;
+        let l = self.lock_of(vmid);
+        let _g = lock(&l);
+        let mut sb = self.find(id)?;
+        check_action(vmid, sb.state, Action::Destroy, force)?;
+        self.destroy_locked(&mut sb, force, "destroyed")?;
+        Ok(sb)
+    }
+
+    fn destroy_locked(&self, sb: &mut Sandbox, force: bool, msg: &str) -> Result<(), OpError> {
+        self.expect_exit(sb.vmid, true);
+        let r = self.backend.destroy(sb);
+        self.expect_exit(sb.vmid, false);
+        match r {
+            Ok(()) => {}
+            Err(e) if force => {
+                let why = crate::log::error_chain(&e);
+                crate::warn!("sandbox {}: destroy left something behind ({why}); `agentlab sandbox prune` removes it", sb.vmid);
+                sb.last_error = Some(why);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        sb.runtime = None;
+        sb.disk = None;
+        self.transition(sb, State::Destroyed, msg)
+    }
+
+    pub fn revert(&self, id: &str, force: bool, restart: Option<bool>, wait: bool) -> Result<RevertResponse, OpError> {
+        let vmid = self.find(id)?.vmid;
+        let (was_running, restarted) = {
+            let l = self.lock_of(vmid);
+            let _g = lock(&l);
+            let mut sb = self.find(id)?;
+            check_action(vmid, sb.state, Action::Revert, force)?;
+            let was_running = sb.state.vm_expected();
+            if was_running {
+                self.expect_exit(vmid, true);
+                let r = self.backend.stop(&sb, StopMode::Hard);
+                self.expect_exit(vmid, false);
+                r?;
+                sb.runtime = None;
+                self.transition(&mut sb, State::Stopped, "stopped for revert")?;
+            }
+            if sb.disk.is_none() {
+                let profile: Profile = serde_json::from_value(sb.spec.clone())
+                    .map_err(|e| OpError::Host(format!("sandbox {vmid}: stored profile unreadable: {e}")))?;
+                self.provision_locked(&mut sb, &profile)?;
+            } else {
+                let started = Instant::now();
+                self.backend.revert(&sb)?;
+                self.note(
+                    &sb,
+                    "sandbox.revert",
+                    "disk reverted to clean",
+                    json!({"duration_us": started.elapsed().as_micros() as u64}),
+                );
+            }
+            if sb.state == State::Failed {
+                sb.last_error = None;
+                self.transition(&mut sb, State::Stopped, "reverted; ready to start")?;
+            }
+            let restart = restart.unwrap_or(was_running);
+            if restart {
+                if let Err(e) = self.boot_locked(&mut sb) {
+                    self.fail(&mut sb, &e.to_string());
+                    return Err(e);
+                }
+            }
+            (was_running, restart)
+        };
+        Ok(RevertResponse {
+            snapshot: "clean".to_string(),
+            was_running,
+            restarted,
+            sandbox: self.maybe_wait(vmid, wait && restarted)?,
+        })
+    }
+
+    pub fn renew(&self, id: &str, ttl: Duration) -> Result<RenewResponse, OpError> {
+        if ttl.is_zero() {
+            return Err(OpError::BadRequest("a TTL must be longer than zero".into()));
+        }
+        let vmid = self.find(id)?.vmid;
+        let l = self.lock_of(vmid);
+        let _g = lock(&l);
+        let mut sb = self.find(id)?;
+        check_action(vmid, sb.state, Action::RenewLease, false)?;
+        if !sb.state.is_live() {
+            return Err(OpError::Conflict(format!("sandbox {vmid} is {}; its lease cannot be renewed", sb.state)));
+        }
+        let at = Timestamp::now().plus(ttl);
+        sb.lease_expires_at = Some(at);
+        sb.ttl_seconds = Some(ttl.as_secs());
+        sb.updated_at = Timestamp::now();
+        self.record(
+            &sb,
+            EventDraft::new(Some(vmid), "sandbox.lease", format!("lease renewed until {at}"))
+                .with_data(json!({"ttl_seconds": ttl.as_secs()})),
+        )?;
+        Ok(RenewResponse {
+            vmid,
+            lease_expires_at: Some(at.to_string()),
+            keepalive: sb.keepalive,
+        })
+    }
+
+    pub fn console_input(&self, id: &str, data: &str) -> Result<(), OpError> {
+        let sb = self.find(id)?;
+        if !sb.state.vm_expected() {
+            return Err(OpError::Conflict(format!("sandbox {} is {}; start it first", sb.vmid, sb.state)));
+        }
+        self.backend.console_write(sb.vmid, data.as_bytes())?;
+        Ok(())
+    }
+
+    pub fn prune(&self, dry_run: bool) -> Result<PruneResponse, OpError> {
+        let live: Vec<Sandbox> = self.list(false)?;
+        let orphans = self.backend.orphans(&live);
+        let mut failed = Vec::new();
+        let mut forgotten = Vec::new();
+        if !dry_run {
+            for o in &orphans {
+                if let Err(e) = self.backend.remove_orphan(o) {
+                    failed.push(crate::log::error_chain(&e));
+                }
+            }
+            for sb in self.list(true)?.into_iter().filter(|s| s.state == State::Destroyed) {
+                self.store.remove(sb.vmid)?;
+                forgotten.push(sb.vmid);
+            }
+            let msg = format!("pruned {} orphans, forgot {} destroyed sandboxes", orphans.len(), forgotten.len());
+            if let Ok(ev) = self.store.append_event(EventDraft::new(None, "daemon.prune", msg)) {
+                self.bus.publish(BusItem::Event(ev));
+            }
+        }
+        Ok(PruneResponse {
+            dry_run,
+            orphans,
+            failed,
+            forgotten,
+        })
+    }
+
+    pub fn status(&self, socket: &str) -> Result<StatusResponse, OpError> {
+        let all = self.list(true)?;
+        let mut counts = BTreeMap::new();
+        for s in &all {
+            *counts.entry(s.state.as_str().to_string()).or_insert(0) += 1;
+        }
+        let live: Vec<Sandbox> = all.into_iter().filter(|s| s.state != State::Destroyed).collect();
+        Ok(StatusResponse {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            started_at: self.started_at.to_string(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            socket: socket.to_string(),
+            data_dir: self.cfg.data_dir.display().to_string(),
+            backend: self.backend.status(),
+            sandboxes: counts,
+            orphans: self.backend.orphans(&live),
+            rss_bytes: crate::sys::process::rss_bytes(std::process::id()),
+        })
+    }
+
+    // ---- what backends report -------------------------------------------
+
+    pub fn on_vm_event(&self, vmid: u32, ev: VmEvent) {
+        match ev {
+            VmEvent::Console(line) => self.bus.publish(BusItem::Console {
+                vmid,
+                ts: Timestamp::now(),
+                line,
+            }),
+            VmEvent::Ready => {
+                let l = self.lock_of(vmid);
+                let _g = lock(&l);
+                let Ok(Some(mut sb)) = self.store.get(vmid) else { return };
+                if sb.state == State::Booting {
+                    let ms = sb
+                        .runtime
+                        .as_ref()
+                        .map(|r| Timestamp::now().millis() - r.started_at.millis())
+                        .unwrap_or(0);
+                    let _ = self.transition(&mut sb, State::Ready, &format!("ready (guest up in {ms} ms)"));
+                }
+            }
+            VmEvent::Exited(info) => {
+                if lock(&self.expecting_exit).contains(&vmid) {
+                    return;
+                }
+                let l = self.lock_of(vmid);
+                let _g = lock(&l);
+                if lock(&self.expecting_exit).contains(&vmid) {
+                    return;
+                }
+                let Ok(Some(mut sb)) = self.store.get(vmid) else { return };
+                if !sb.state.vm_expected() {
+                    return;
+                }
+                sb.runtime = None;
+                self.note(&sb, "sandbox.exit", &format!("hypervisor exited: {}", info.describe()), json!(info));
+                let r = if info.clean_guest_shutdown() {
+                    self.transition(&mut sb, State::Stopped, "guest powered off")
+                } else {
+                    let why = format!("hypervisor exited unexpectedly: {}", info.describe());
+                    sb.last_error = Some(why.clone());
+                    self.transition(&mut sb, State::Failed, &why)
+                };
+                if let Err(e) = r {
+                    crate::error!("sandbox {vmid}: cannot record exit: {e}");
+                }
+            }
+        }
+    }
+
+    // ---- time ----------------------------------------------------------
+
+    /// Expires leases and enforces boot deadlines. Called about once a second.
+    pub fn tick(&self) {
+        let Ok(all) = self.store.list() else { return };
+        let now = Timestamp::now();
+        for sb in all {
+            if sb.lease_expired(now) || sb.state == State::Timeout {
+                self.expire(sb.vmid);
+            } else if sb.state == State::Booting {
+                let late = sb
+                    .runtime
+                    .as_ref()
+                    .is_some_and(|r| r.started_at.plus(self.cfg.boot_timeout) <= now);
+                if late {
+                    self.boot_timed_out(sb.vmid);
+                }
+            }
+        }
+    }
+
+    fn expire(&self, vmid: u32) {
+        let l = self.lock_of(vmid);
+        let _g = lock(&l);
+        let Ok(Some(mut sb)) = self.store.get(vmid) else { return };
+        let now = Timestamp::now();
+        if sb.state != State::Timeout {
+            if !sb.lease_expired(now) {
+                return;
+            }
+            if self.transition(&mut sb, State::Timeout, "lease expired").is_err() {
+                return;
+            }
+        }
+        if let Err(e) = self.destroy_locked(&mut sb, false, "destroyed after lease expiry") {
+            crate::error!("sandbox {vmid}: teardown after lease expiry failed, will retry: {e}");
+        }
+    }
+
+    fn boot_timed_out(&self, vmid: u32) {
+        let l = self.lock_of(vmid);
+        let _g = lock(&l);
+        let Ok(Some(mut sb)) = self.store.get(vmid) else { return };
+        if sb.state != State::Booting {
+            return;
+        }
+        let why = format!(
+            "the guest did not become ready within {}; see `agentlab logs {vmid}`",
+            crate::time::format_duration(self.cfg.boot_timeout)
+        );
+        self.fail(&mut sb, &why);
+    }
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
