@@ -12,9 +12,14 @@
 //! keys are errors, unlike AgentLab, which ignores them. The YAML tree comes
 //! from yaml-rust2 and is walked by the small reader in `yaml.rs`.
 
+mod profile;
 mod proxmox;
 mod yaml;
 
+pub use profile::{
+    is_valid_name, parse_profile_str, AllowRule, Behavior, NetworkMode, NetworkProfile, NicModel,
+    Profile, Profiles, Resources, Storage, BEHAVIOR_MODES, WORKSPACE_MODES,
+};
 pub use proxmox::{ApiToken, CloneMode, ProxmoxConfig, Sha256Fingerprint};
 
 use std::fs;

@@ -147,6 +147,21 @@ impl<'a> Node<'a> {
         }
     }
 
+    /// Reads a list; each item's key is `key[i]`.
+    pub fn list(&self) -> Read<Vec<Node<'a>>> {
+        let Yaml::Array(items) = self.value else {
+            return Err(self.expected("a list"));
+        };
+        Ok(items
+            .iter()
+            .enumerate()
+            .map(|(i, value)| Node {
+                value,
+                key: format!("{}[{i}]", self.key),
+            })
+            .collect())
+    }
+
     /// Reads one word out of `choices` (case and surrounding blanks ignored,
     /// as AgentLab does for `network.mode`). `noun` names the kind of value:
     /// `"nta" is not a network mode; allowed: off, nat, allowlist`.
@@ -346,10 +361,36 @@ mod tests {
     }
 
     #[test]
+    fn list_items_carry_their_index_in_the_key() {
+        let y = doc("allow: [a, b]");
+        let top = Node::root(&y).mapping(&["allow"]).unwrap();
+
+        let items = top.get("allow").unwrap().list().unwrap();
+
+        assert_eq!(items[1].problem("x").key, "allow[1]");
+    }
+
+    #[test]
     fn null_value_reads_as_absent() {
         let y = doc("bridge:\n");
         let top = Node::root(&y).mapping(&["bridge"]).unwrap();
 
         assert!(top.get("bridge").is_none());
+    }
+
+    #[test]
+    fn choice_ignores_case_and_lists_choices_on_error() {
+        let y = doc("[NAT, nta]");
+        let items = Node::root(&y).list().unwrap();
+        let choices = [("off", 0), ("nat", 1), ("allowlist", 2)];
+
+        let good = items[0].choice("a network mode", &choices);
+        let bad = items[1].choice("a network mode", &choices);
+
+        assert_eq!(good, Ok(1));
+        assert_eq!(
+            bad.unwrap_err().message,
+            "\"nta\" is not a network mode; allowed: off, nat, allowlist"
+        );
     }
 }
