@@ -6,3 +6,4 @@
 
 pub mod kvm;
 pub mod process;
+pub mod users;

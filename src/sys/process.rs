@@ -17,10 +17,16 @@ use rustix::process::{pidfd_open, Pid, PidfdFlags};
 /// and process group, so signals to the daemon do not reach it.
 pub fn spawn_detached(cmd: &mut Command) -> io::Result<Child> {
     // SAFETY: the closure runs between fork and exec in the child; setsid(2)
-    // is async-signal-safe and the closure touches no memory of the parent.
+    // and pthread_sigmask(3) are async-signal-safe, and the closure touches no
+    // memory of the parent. The daemon blocks SIGTERM/SIGINT to read them from
+    // a signalfd; the mask is inherited across exec, so it is cleared here or
+    // QEMU would ignore them.
     unsafe {
         cmd.pre_exec(|| {
             rustix::process::setsid().map_err(io::Error::from)?;
+            nix::sys::signal::SigSet::empty()
+                .thread_set_mask()
+                .map_err(io::Error::from)?;
             Ok(())
         });
     }
