@@ -1,66 +1,1748 @@
-//! TEMPORARY stand-in with the contracted API; replaced by the real module at merge.
+//! qcow2: write empty overlays natively, and read and vet base images.
+//!
+//! Owns the qcow2 byte layout as far as agentlab needs it: building the
+//! three-and-a-bit-cluster file that `qemu-img create -f qcow2 -b B -F F`
+//! would build (so creating a sandbox disk costs one small write, not a
+//! process), parsing an image header, and deciding whether a file in the
+//! images directory may serve as a base, following its backing chain.
+//! It does not walk L2 tables or refcounts (that is `qemu-img check`'s job)
+//! and it does not decide where images live (`image` does).
+//!
+//! Base images are a security boundary: guest-written data can end up in the
+//! images directory, so every length field read here is bounds-checked before
+//! use and nothing is allocated from one. Two attacks shape the rules:
+//! format probing (a raw image whose contents say "qcow2, backed by
+//! /etc/shadow"), answered by always writing and requiring an explicit
+//! backing format; and backing names that escape the images directory,
+//! answered by resolving every link and confining it there.
+//!
+//! Spec: QEMU `docs/interop/qcow2.txt` (7.2; `qcow2.rst` later), cited below
+//! as `qcow2.rst`, and the limits in QEMU's `block/qcow2.h` and
+//! `qcow2_do_open` in `block/qcow2.c`. All header fields are big-endian.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+// qcow2.rst "Header": byte offsets of the fields.
+const MAGIC: &[u8; 4] = b"QFI\xfb";
+const OFF_VERSION: usize = 4;
+const OFF_BACKING_FILE_OFFSET: usize = 8;
+const OFF_BACKING_FILE_SIZE: usize = 16;
+const OFF_CLUSTER_BITS: usize = 20;
+const OFF_SIZE: usize = 24;
+const OFF_CRYPT_METHOD: usize = 32;
+const OFF_L1_SIZE: usize = 36;
+const OFF_L1_TABLE_OFFSET: usize = 40;
+const OFF_REFCOUNT_TABLE_OFFSET: usize = 48;
+const OFF_REFCOUNT_TABLE_CLUSTERS: usize = 56;
+const OFF_NB_SNAPSHOTS: usize = 60;
+const OFF_SNAPSHOTS_OFFSET: usize = 64;
+/// A version 2 header ends here; version 3 fields follow.
+const V2_HEADER_LENGTH: u32 = 72;
+const OFF_INCOMPATIBLE_FEATURES: usize = 72;
+const OFF_COMPATIBLE_FEATURES: usize = 80;
+const OFF_AUTOCLEAR_FEATURES: usize = 88;
+const OFF_REFCOUNT_ORDER: usize = 96;
+const OFF_HEADER_LENGTH: usize = 100;
+/// qcow2.rst: a v3 header_length is at least 104 and a multiple of 8.
+const V3_MIN_HEADER_LENGTH: u32 = 104;
+/// Present only when header_length > 104 (QEMU >= 5.1).
+const OFF_COMPRESSION_TYPE: usize = 104;
+/// What QEMU >= 5.1 writes: 104 bytes of fields, compression_type, padding.
+const V3_HEADER_LENGTH: u32 = 112;
+
+// qcow2.rst "Header extensions": `{u32 type, u32 length, data padded to 8}`.
+const EXT_HEADER_LEN: u64 = 8;
+const EXT_END: u32 = 0x0000_0000;
+const EXT_BACKING_FORMAT: u32 = 0xE279_2ACA;
+const EXT_EXTERNAL_DATA_FILE: u32 = 0x4441_5441;
+
+// qcow2.rst "Header", incompatible_features bits.
+const INCOMPAT_DIRTY: u64 = 1 << 0;
+const INCOMPAT_CORRUPT: u64 = 1 << 1;
+const INCOMPAT_EXTERNAL_DATA: u64 = 1 << 2;
+const INCOMPAT_COMPRESSION_TYPE: u64 = 1 << 3;
+const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
+const INCOMPAT_KNOWN: u64 = INCOMPAT_DIRTY
+    | INCOMPAT_CORRUPT
+    | INCOMPAT_EXTERNAL_DATA
+    | INCOMPAT_COMPRESSION_TYPE
+    | INCOMPAT_EXTENDED_L2;
+/// qcow2.rst "Header", compression_type: 0 deflate (zlib), 1 zstd.
+const COMPRESSION_ZSTD: u8 = 1;
+
+// block/qcow2.h: the limits qcow2_do_open enforces.
+const MIN_CLUSTER_BITS: u32 = 9;
+const MAX_CLUSTER_BITS: u32 = 21;
+const MAX_REFCOUNT_ORDER: u32 = 6;
+const QCOW_MAX_L1_SIZE: u64 = 32 << 20;
+const QCOW_MAX_REFTABLE_SIZE: u64 = 8 << 20;
+const QCOW_MAX_SNAPSHOTS: u64 = 65_536;
+/// `sizeof(QCowSnapshotHeader)`: the fixed part of a snapshot table entry.
+const SNAPSHOT_HEADER_MIN: u64 = 40;
+/// qcow2.rst: "Must not be longer than 1023 bytes".
+const MAX_BACKING_NAME: usize = 1023;
+/// `sizeof(bs->backing_format)` is 16, including the NUL QEMU appends.
+const MAX_BACKING_FORMAT_LEN: u64 = 15;
+/// qcow2.rst "Host cluster management": table entries are u64.
+const TABLE_ENTRY: u64 = 8;
+
+// What `overlay_image` writes: QEMU 7.2's `qemu-img create` defaults.
+const OVERLAY_CLUSTER_BITS: u32 = 16;
+/// refcount_order 4: 16-bit refcounts.
+const OVERLAY_REFCOUNT_ORDER: u32 = 4;
+const OVERLAY_REFCOUNT_BYTES: u64 = 2;
+/// Guest-visible sizes are whole 512-byte sectors.
+const SECTOR: u64 = 512;
+
+/// Backing chains deeper than this are refused (QEMU itself allows more).
+pub const MAX_CHAIN_DEPTH: usize = 16;
+
+/// The formats a base image (or a link in its chain) may have.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BaseFormat {
     Qcow2,
     Raw,
 }
+
 impl BaseFormat {
+    /// The name QEMU uses (`-F`, `"driver"`, the backing format extension).
     pub fn as_str(self) -> &'static str {
         match self {
             BaseFormat::Qcow2 => "qcow2",
             BaseFormat::Raw => "raw",
         }
     }
+
+    fn from_qemu_name(name: &str) -> Option<BaseFormat> {
+        match name {
+            "qcow2" => Some(BaseFormat::Qcow2),
+            "raw" => Some(BaseFormat::Raw),
+            _ => None,
+        }
+    }
 }
+
+/// A parsed qcow2 header, its extensions and backing file name.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ChainLink {
-    pub path: PathBuf,
-    pub format: BaseFormat,
+pub struct Header {
+    pub version: u32,
+    pub cluster_bits: u32,
+    /// Virtual disk size in bytes.
+    pub size: u64,
+    pub crypt_method: u32,
+    pub l1_size: u32,
+    pub l1_table_offset: u64,
+    pub refcount_table_offset: u64,
+    pub refcount_table_clusters: u32,
+    pub nb_snapshots: u32,
+    pub snapshots_offset: u64,
+    pub incompatible_features: u64,
+    pub compatible_features: u64,
+    pub autoclear_features: u64,
+    pub refcount_order: u32,
+    pub header_length: u32,
+    pub compression_type: u8,
+    /// The name as stored: may be relative, may be anything a writer chose.
+    pub backing_file: Option<String>,
+    /// From the 0xE2792ACA extension; absent means QEMU would probe.
+    pub backing_format: Option<String>,
+    /// The incompatible bit or the 0x44415441 extension is present.
+    pub external_data_file: bool,
 }
+
+/// A vetted base image and the chain of images below it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BaseInfo {
+    /// Canonical path: absolute, symlinks resolved.
     pub path: PathBuf,
     pub format: BaseFormat,
     pub virtual_size: u64,
+    /// Backing images below `path`, top-down; empty for a standalone image.
     pub chain: Vec<ChainLink>,
 }
+
+/// One backing image: the QEMU backend declares one `-blockdev` node per link.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChainLink {
+    /// Canonical path: absolute, symlinks resolved.
+    pub path: PathBuf,
+    pub format: BaseFormat,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum QcowError {
-    #[error("{0}")]
-    Msg(String),
+    #[error("cannot build a qcow2 overlay: {0}")]
+    BuildOverlay(String),
+    #[error("cannot write overlay {path}")]
+    WriteOverlay {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("invalid qcow2 header: {0}")]
+    ParseHeader(String),
+    #[error("cannot open the images directory {path}")]
+    OpenImagesDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot read image {path}")]
+    ReadImage {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("refusing image {path}: {reason}")]
+    RefuseImage { path: PathBuf, reason: String },
+    #[error("image {path} is outside {images_dir}; base images must be in that directory")]
+    OutsideImagesDir { path: PathBuf, images_dir: PathBuf },
+    #[error(
+        "{image} has a backing file outside {images_dir}: {backing}; \
+         images may only be backed by images in that directory"
+    )]
+    BackingOutsideImagesDir {
+        image: PathBuf,
+        backing: PathBuf,
+        images_dir: PathBuf,
+    },
+    #[error("the backing chain of {image} loops back to {backing}")]
+    BackingLoop { image: PathBuf, backing: PathBuf },
+    #[error(
+        "the backing chain of {image} is deeper than {MAX_CHAIN_DEPTH} images; \
+         flatten it with `qemu-img convert`"
+    )]
+    BackingChainTooDeep { image: PathBuf },
 }
-pub fn inspect_base(path: &Path, _images_dir: &Path) -> Result<BaseInfo, QcowError> {
-    let len = std::fs::metadata(path)
-        .map_err(|e| QcowError::Msg(e.to_string()))?
-        .len();
-    Ok(BaseInfo {
-        path: path.into(),
-        format: BaseFormat::Raw,
-        virtual_size: len,
-        chain: vec![],
-    })
+
+// ---------------------------------------------------------------------------
+// Writing an overlay
+// ---------------------------------------------------------------------------
+
+/// Where an empty overlay's clusters go: the header in cluster 0, then the
+/// refcount table, the refcount blocks and the L1 table, all contiguous.
+#[derive(Debug, PartialEq, Eq)]
+struct OverlayLayout {
+    cluster_size: u64,
+    l1_entries: u64,
+    reftable_clusters: u64,
+    refblock_clusters: u64,
+    l1_clusters: u64,
 }
+
+impl OverlayLayout {
+    fn new(virtual_size: u64, cluster_bits: u32) -> OverlayLayout {
+        let cs = 1u64 << cluster_bits;
+        // qcow2.rst "Cluster mapping": one L1 entry maps cs/8 clusters.
+        let l1_entries = virtual_size.div_ceil(cs * (cs / TABLE_ENTRY));
+        let l1_clusters = (l1_entries * TABLE_ENTRY).div_ceil(cs);
+        // The refcount blocks count every used cluster, themselves and the
+        // table included: grow both until they cover the total. Neither
+        // shrinks, so this settles in a step or two.
+        let (mut table, mut blocks) = (1, 1);
+        loop {
+            let used = 1 + table + blocks + l1_clusters;
+            let need_blocks = used.div_ceil(cs / OVERLAY_REFCOUNT_BYTES);
+            let need_table = (need_blocks * TABLE_ENTRY).div_ceil(cs);
+            if need_blocks <= blocks && need_table <= table {
+                break;
+            }
+            (table, blocks) = (table.max(need_table), blocks.max(need_blocks));
+        }
+        OverlayLayout {
+            cluster_size: cs,
+            l1_entries,
+            reftable_clusters: table,
+            refblock_clusters: blocks,
+            l1_clusters,
+        }
+    }
+
+    fn refblocks_offset(&self) -> u64 {
+        (1 + self.reftable_clusters) * self.cluster_size
+    }
+
+    fn l1_offset(&self) -> u64 {
+        self.refblocks_offset() + self.refblock_clusters * self.cluster_size
+    }
+
+    fn used_clusters(&self) -> u64 {
+        1 + self.reftable_clusters + self.refblock_clusters + self.l1_clusters
+    }
+}
+
+fn put(buf: &mut [u8], at: u64, bytes: &[u8]) {
+    let at = at as usize;
+    buf[at..at + bytes.len()].copy_from_slice(bytes);
+}
+
+/// Returns the bytes of an empty qcow2 v3 overlay of `virtual_size` bytes
+/// backed by `backing_name` (written as given; `write_overlay` passes an
+/// absolute path) in `backing_format`, laid out as `qemu-img create` lays
+/// it out with its defaults, less the optional feature-name table.
+pub fn overlay_image(
+    backing_name: &str,
+    backing_format: BaseFormat,
+    virtual_size: u64,
+) -> Result<Vec<u8>, QcowError> {
+    build_overlay(
+        backing_name,
+        backing_format,
+        virtual_size,
+        OVERLAY_CLUSTER_BITS,
+    )
+}
+
+fn build_overlay(
+    backing_name: &str,
+    backing_format: BaseFormat,
+    virtual_size: u64,
+    cluster_bits: u32,
+) -> Result<Vec<u8>, QcowError> {
+    // qcow2.rst "Header extensions": the backing format, padded to 8 bytes,
+    // then the end marker (type 0, length 0), then the backing file name.
+    let format = backing_format.as_str().as_bytes();
+    let ext_at = u64::from(V3_HEADER_LENGTH);
+    let name_at = ext_at + 2 * EXT_HEADER_LEN + (format.len() as u64).next_multiple_of(8);
+    check_overlay_params(backing_name, name_at, virtual_size, cluster_bits)
+        .map_err(QcowError::BuildOverlay)?;
+    let layout = OverlayLayout::new(virtual_size, cluster_bits);
+    let cs = layout.cluster_size;
+    // Like `qemu-img create`, end the file right after the L1 table.
+    let mut buf = vec![0u8; (layout.l1_offset() + layout.l1_entries * TABLE_ENTRY) as usize];
+
+    // qcow2.rst "Header". Fields not listed stay zero: crypt_method,
+    // nb_snapshots, snapshots_offset, every feature bit, compression_type.
+    for (at, bytes) in [
+        (0, &MAGIC[..]),
+        (OFF_VERSION, &3u32.to_be_bytes()),
+        (OFF_BACKING_FILE_OFFSET, &name_at.to_be_bytes()),
+        (
+            OFF_BACKING_FILE_SIZE,
+            &(backing_name.len() as u32).to_be_bytes(),
+        ),
+        (OFF_CLUSTER_BITS, &cluster_bits.to_be_bytes()),
+        (OFF_SIZE, &virtual_size.to_be_bytes()),
+        (OFF_L1_SIZE, &(layout.l1_entries as u32).to_be_bytes()),
+        (OFF_L1_TABLE_OFFSET, &layout.l1_offset().to_be_bytes()),
+        (OFF_REFCOUNT_TABLE_OFFSET, &cs.to_be_bytes()),
+        (
+            OFF_REFCOUNT_TABLE_CLUSTERS,
+            &(layout.reftable_clusters as u32).to_be_bytes(),
+        ),
+        (OFF_REFCOUNT_ORDER, &OVERLAY_REFCOUNT_ORDER.to_be_bytes()),
+        (OFF_HEADER_LENGTH, &V3_HEADER_LENGTH.to_be_bytes()),
+        (ext_at as usize, &EXT_BACKING_FORMAT.to_be_bytes()),
+        (ext_at as usize + 4, &(format.len() as u32).to_be_bytes()),
+        ((ext_at + EXT_HEADER_LEN) as usize, format),
+        (name_at as usize, backing_name.as_bytes()),
+    ] {
+        put(&mut buf, at as u64, bytes);
+    }
+
+    // qcow2.rst "Host cluster management": the table (cluster 1 on) points
+    // at each block; the blocks are contiguous, so cluster c's 16-bit count
+    // sits 2c bytes past the first one.
+    for block in 0..layout.refblock_clusters {
+        let block_at = layout.refblocks_offset() + block * cs;
+        put(&mut buf, cs + block * TABLE_ENTRY, &block_at.to_be_bytes());
+    }
+    for cluster in 0..layout.used_clusters() {
+        let count_at = layout.refblocks_offset() + cluster * OVERLAY_REFCOUNT_BYTES;
+        put(&mut buf, count_at, &1u16.to_be_bytes());
+    }
+    // The L1 table stays zero: every read falls through to the backing file.
+    Ok(buf)
+}
+
+fn check_overlay_params(
+    backing_name: &str,
+    name_at: u64,
+    virtual_size: u64,
+    cluster_bits: u32,
+) -> Result<(), String> {
+    let cs = 1u64 << cluster_bits;
+    // The L1 table may not exceed QCOW_MAX_L1_SIZE: 2 PiB at 64 KiB clusters.
+    let max_size = QCOW_MAX_L1_SIZE / TABLE_ENTRY * (cs * (cs / TABLE_ENTRY));
+    // The name must also fit in cluster 0, which only binds small clusters.
+    let max_name = (MAX_BACKING_NAME as u64).min(cs - name_at);
+    let name_len = backing_name.len() as u64;
+    if name_len == 0 || name_len > max_name {
+        return Err(format!(
+            "the backing file name is {name_len} bytes; it must be 1 to {max_name}"
+        ));
+    }
+    if backing_name.contains('\0') {
+        return Err("the backing file name contains a NUL byte".into());
+    }
+    if virtual_size == 0 || virtual_size % SECTOR != 0 {
+        return Err(format!(
+            "the virtual size {virtual_size} is not a positive multiple of {SECTOR} bytes"
+        ));
+    }
+    if virtual_size > max_size {
+        return Err(format!(
+            "the virtual size {virtual_size} exceeds {max_size} bytes, the most a qcow2 \
+             image with {cs}-byte clusters can address"
+        ));
+    }
+    Ok(())
+}
+
+/// Writes an empty overlay at `path` backed by `backing` (recorded by its
+/// canonical absolute path) with an explicit `backing_format`.
+///
+/// The caller passes the final `virtual_size`; it should be at least the
+/// base's (see `inspect_base`). The file appears at `path` complete and
+/// durable, or not at all: it is written beside `path` as `.<name>.tmp`,
+/// fsynced, renamed over `path`, and the directory fsynced; any failure
+/// removes what was written. The file is created mode 0600.
 pub fn write_overlay(
     path: &Path,
     backing: &Path,
-    fmt: BaseFormat,
-    size: u64,
+    backing_format: BaseFormat,
+    virtual_size: u64,
 ) -> Result<(), QcowError> {
-    let st = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", fmt.as_str(), "-b"])
-        .arg(backing)
-        .arg(path)
-        .arg(size.to_string())
-        .status()
-        .map_err(|e| QcowError::Msg(e.to_string()))?;
-    if st.success() {
-        Ok(())
+    let backing_abs = backing.canonicalize().map_err(read_error(backing))?;
+    let backing_name = backing_abs.to_str().ok_or_else(|| {
+        QcowError::BuildOverlay(format!(
+            "the backing path {} is not UTF-8",
+            backing_abs.display()
+        ))
+    })?;
+    let bytes = overlay_image(backing_name, backing_format, virtual_size)?;
+    let file_name = path.file_name().ok_or_else(|| {
+        QcowError::BuildOverlay(format!("{} does not name a file", path.display()))
+    })?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let tmp = dir.join(format!(".{}.tmp", file_name.to_string_lossy()));
+
+    let failed = |source| QcowError::WriteOverlay {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(failed)?;
+    let mut cleanup = RemoveOnDrop(Some(tmp.clone()));
+    file.write_all(&bytes).map_err(failed)?;
+    file.sync_all().map_err(failed)?;
+    drop(file);
+    fs::rename(&tmp, path).map_err(failed)?;
+    // From here a failure must take the renamed file away instead.
+    cleanup.0 = Some(path.to_path_buf());
+    File::open(dir).and_then(|d| d.sync_all()).map_err(failed)?;
+    cleanup.0 = None;
+    Ok(())
+}
+
+/// Removes a half-written file unless disarmed by setting it to `None`.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            // Best effort: the write error that got us here is what matters.
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Parsing a header
+// ---------------------------------------------------------------------------
+
+fn be32(buf: &[u8], at: usize) -> Result<u32, QcowError> {
+    buf.get(at..at + 4)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_be_bytes)
+        .ok_or_else(|| truncated_header(at + 4, buf.len()))
+}
+
+fn be64(buf: &[u8], at: usize) -> Result<u64, QcowError> {
+    buf.get(at..at + 8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| truncated_header(at + 8, buf.len()))
+}
+
+fn truncated_header(needed: impl std::fmt::Display, have: usize) -> QcowError {
+    QcowError::ParseHeader(format!(
+        "truncated: the header needs {needed} bytes but only {have} are there"
+    ))
+}
+
+/// Parses the header at the start of `buf`, its extensions and backing
+/// name. `buf` should hold the image's first cluster (or the whole file if
+/// shorter). Checks structure only; `inspect_base` applies the policy.
+pub fn parse_header(buf: &[u8]) -> Result<Header, QcowError> {
+    let bad = |msg: String| Err(QcowError::ParseHeader(msg));
+    if buf.get(..4) != Some(MAGIC.as_slice()) {
+        return bad("no qcow2 magic (QFI\\xfb)".into());
+    }
+    let version = be32(buf, OFF_VERSION)?;
+    if !(2..=3).contains(&version) {
+        return bad(format!("unsupported qcow2 version {version}"));
+    }
+    let cluster_bits = be32(buf, OFF_CLUSTER_BITS)?;
+    if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
+        return bad(format!("unsupported cluster size 2^{cluster_bits}"));
+    }
+    let cluster_size = 1u64 << cluster_bits;
+    let mut h = Header {
+        version,
+        cluster_bits,
+        size: be64(buf, OFF_SIZE)?,
+        crypt_method: be32(buf, OFF_CRYPT_METHOD)?,
+        l1_size: be32(buf, OFF_L1_SIZE)?,
+        l1_table_offset: be64(buf, OFF_L1_TABLE_OFFSET)?,
+        refcount_table_offset: be64(buf, OFF_REFCOUNT_TABLE_OFFSET)?,
+        refcount_table_clusters: be32(buf, OFF_REFCOUNT_TABLE_CLUSTERS)?,
+        nb_snapshots: be32(buf, OFF_NB_SNAPSHOTS)?,
+        snapshots_offset: be64(buf, OFF_SNAPSHOTS_OFFSET)?,
+        // qcow2.rst: version 2 implies these values.
+        incompatible_features: 0,
+        compatible_features: 0,
+        autoclear_features: 0,
+        refcount_order: 4,
+        header_length: V2_HEADER_LENGTH,
+        compression_type: 0,
+        backing_file: None,
+        backing_format: None,
+        external_data_file: false,
+    };
+    if version == 3 {
+        h.incompatible_features = be64(buf, OFF_INCOMPATIBLE_FEATURES)?;
+        h.compatible_features = be64(buf, OFF_COMPATIBLE_FEATURES)?;
+        h.autoclear_features = be64(buf, OFF_AUTOCLEAR_FEATURES)?;
+        h.refcount_order = be32(buf, OFF_REFCOUNT_ORDER)?;
+        h.header_length = be32(buf, OFF_HEADER_LENGTH)?;
+        if h.header_length < V3_MIN_HEADER_LENGTH || h.header_length % 8 != 0 {
+            return bad(format!(
+                "header_length {} is not a multiple of 8 of at least {V3_MIN_HEADER_LENGTH}",
+                h.header_length
+            ));
+        }
+        if h.header_length > V3_MIN_HEADER_LENGTH {
+            h.compression_type = *buf
+                .get(OFF_COMPRESSION_TYPE)
+                .ok_or_else(|| truncated_header(OFF_COMPRESSION_TYPE + 1, buf.len()))?;
+        }
+    }
+    if u64::from(h.header_length) > cluster_size {
+        return bad(format!(
+            "header_length {} exceeds the cluster size",
+            h.header_length
+        ));
+    }
+    let backing_offset = be64(buf, OFF_BACKING_FILE_OFFSET)?;
+    if backing_offset > cluster_size {
+        return bad(format!(
+            "the backing file name at byte {backing_offset} is outside the first cluster"
+        ));
+    }
+    // qcow2.rst: extensions run from header_length to the backing file name,
+    // or to the end of cluster 0.
+    let ext_end = if backing_offset != 0 {
+        backing_offset
     } else {
-        Err(QcowError::Msg("qemu-img failed".into()))
+        cluster_size
+    };
+    parse_extensions(buf, u64::from(h.header_length), ext_end, &mut h)?;
+    if backing_offset != 0 {
+        let size = u64::from(be32(buf, OFF_BACKING_FILE_SIZE)?);
+        h.backing_file = parse_backing_name(buf, backing_offset, size, cluster_size)?;
+    }
+    Ok(h)
+}
+
+fn parse_extensions(buf: &[u8], start: u64, end: u64, h: &mut Header) -> Result<(), QcowError> {
+    let bad = |msg: String| Err(QcowError::ParseHeader(msg));
+    let mut at = start;
+    while at < end {
+        let Some(data_at) = at.checked_add(EXT_HEADER_LEN).filter(|&d| d <= end) else {
+            return bad(format!(
+                "the header extension at byte {at} crosses byte {end}"
+            ));
+        };
+        let kind = be32(buf, at as usize)?;
+        let len = u64::from(be32(buf, at as usize + 4)?);
+        if len > end - data_at {
+            return bad(format!(
+                "the header extension at byte {at} claims {len} bytes, past byte {end}"
+            ));
+        }
+        let data = buf
+            .get(data_at as usize..(data_at + len) as usize)
+            .ok_or_else(|| truncated_header(data_at + len, buf.len()))?;
+        match kind {
+            EXT_END => return Ok(()),
+            EXT_BACKING_FORMAT => {
+                if len > MAX_BACKING_FORMAT_LEN {
+                    return bad(format!("the backing format is {len} bytes long"));
+                }
+                match std::str::from_utf8(data) {
+                    Ok(s) if !s.contains('\0') => h.backing_format = Some(s.to_owned()),
+                    _ => return bad("the backing format is not a plain string".into()),
+                }
+            }
+            EXT_EXTERNAL_DATA_FILE => h.external_data_file = true,
+            _ => {} // qcow2.rst: unknown extensions may be ignored.
+        }
+        at = data_at + len.next_multiple_of(8);
+    }
+    Ok(())
+}
+
+fn parse_backing_name(
+    buf: &[u8],
+    offset: u64,
+    size: u64,
+    cluster_size: u64,
+) -> Result<Option<String>, QcowError> {
+    if size > MAX_BACKING_NAME as u64 || offset + size > cluster_size {
+        return Err(QcowError::ParseHeader(format!(
+            "the backing file name ({size} bytes at byte {offset}) is too long \
+             or runs past the first cluster"
+        )));
+    }
+    // QEMU reads an empty name as "no backing file".
+    if size == 0 {
+        return Ok(None);
+    }
+    let raw = buf
+        .get(offset as usize..(offset + size) as usize)
+        .ok_or_else(|| truncated_header(offset + size, buf.len()))?;
+    match std::str::from_utf8(raw) {
+        Ok(name) if !name.contains('\0') => Ok(Some(name.to_owned())),
+        _ => Err(QcowError::ParseHeader(format!(
+            "the backing file name is not a plain UTF-8 string: {}",
+            raw.escape_ascii()
+        ))),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Vetting base images
+// ---------------------------------------------------------------------------
+
+/// Decides whether `h`, from a file of `file_len` bytes, is safe to use as a
+/// read-only base. Returns the reason it is not.
+fn check_base_header(h: &Header, file_len: u64) -> Result<(), String> {
+    let cs = 1u64 << h.cluster_bits;
+    if h.crypt_method != 0 {
+        return Err(format!(
+            "encrypted images are not supported (crypt_method {}); \
+             convert it to a plain image with `qemu-img convert`",
+            h.crypt_method
+        ));
+    }
+    check_features(h)?;
+    if h.refcount_order > MAX_REFCOUNT_ORDER {
+        return Err(format!(
+            "refcount_order {} is over 64 bits",
+            h.refcount_order
+        ));
+    }
+    if h.refcount_table_clusters == 0 {
+        return Err("it has no refcount table".into());
+    }
+    let table = |what, offset, bytes, max| check_table(what, offset, bytes, max, cs, file_len);
+    let reftable_bytes = u64::from(h.refcount_table_clusters) * cs;
+    table(
+        "refcount table",
+        h.refcount_table_offset,
+        reftable_bytes,
+        QCOW_MAX_REFTABLE_SIZE,
+    )?;
+    let l1_bytes = u64::from(h.l1_size) * TABLE_ENTRY;
+    table("L1 table", h.l1_table_offset, l1_bytes, QCOW_MAX_L1_SIZE)?;
+    let l1_needed = h.size.div_ceil(cs * (cs / TABLE_ENTRY));
+    if u64::from(h.l1_size) < l1_needed {
+        return Err(format!(
+            "its L1 table is too small: {} entries for a {}-byte disk that needs {l1_needed}",
+            h.l1_size, h.size
+        ));
+    }
+    if h.nb_snapshots > 0 {
+        let bytes = u64::from(h.nb_snapshots) * SNAPSHOT_HEADER_MIN;
+        let max = QCOW_MAX_SNAPSHOTS * SNAPSHOT_HEADER_MIN;
+        table("snapshot table", h.snapshots_offset, bytes, max)?;
+    }
+    Ok(())
+}
+
+/// The dirty bit is refused, though QEMU opens dirty images read-only
+/// without complaint: it is only ever set while a writer with lazy refcounts
+/// has the image open, so a dirty base is either in use by a writer (its
+/// data would change under every overlay) or left by a crash. Either way
+/// `qemu-img check -r all` settles it, and a base should be settled.
+fn check_features(h: &Header) -> Result<(), String> {
+    let f = h.incompatible_features;
+    if f & !INCOMPAT_KNOWN != 0 {
+        return Err(format!(
+            "it uses incompatible features this version does not know (bits {:#x})",
+            f & !INCOMPAT_KNOWN
+        ));
+    }
+    if f & INCOMPAT_CORRUPT != 0 {
+        return Err("QEMU marked it corrupt; repair it with `qemu-img check -r all`".into());
+    }
+    if f & INCOMPAT_EXTERNAL_DATA != 0 || h.external_data_file {
+        return Err("it keeps its data in an external data file, which is not supported".into());
+    }
+    if f & INCOMPAT_DIRTY != 0 {
+        return Err(
+            "it is marked dirty (open for writing, or its writer crashed); \
+             stop any writer and run `qemu-img check -r all` on it"
+                .into(),
+        );
+    }
+    // Extended L2 (bit 4) only changes how clusters are mapped: fine to read.
+    let zstd_flagged = f & INCOMPAT_COMPRESSION_TYPE != 0;
+    match h.compression_type {
+        0 if !zstd_flagged => Ok(()),
+        COMPRESSION_ZSTD if zstd_flagged => Ok(()),
+        t => Err(format!(
+            "compression type {t} does not match its incompatible feature bit"
+        )),
+    }
+}
+
+/// A metadata table must be cluster-aligned, within QEMU's cap, and inside
+/// the file.
+fn check_table(
+    what: &str,
+    offset: u64,
+    bytes: u64,
+    max: u64,
+    cluster_size: u64,
+    file_len: u64,
+) -> Result<(), String> {
+    if bytes > max {
+        return Err(format!("its {what} is {bytes} bytes; QEMU allows {max}"));
+    }
+    if offset % cluster_size != 0 {
+        return Err(format!("its {what} offset {offset} is not cluster-aligned"));
+    }
+    match offset.checked_add(bytes) {
+        Some(end) if end <= file_len => Ok(()),
+        Some(end) => Err(format!(
+            "it is truncated: its {what} ends at byte {end} but the file is {file_len} bytes"
+        )),
+        None => Err(format!("its {what} offset {offset} is out of range")),
+    }
+}
+
+/// Vets `path` as a base image living in `images_dir` and follows its
+/// backing chain, which must stay inside `images_dir`.
+///
+/// The top image's format comes from its name: `*.qcow2` must carry the
+/// qcow2 magic; `*.raw` and `*.img` must not (a raw image that reads as
+/// qcow2 is the format-probing attack). Links below the top take the format
+/// their parent's header declares, and must match it the same way.
+pub fn inspect_base(path: &Path, images_dir: &Path) -> Result<BaseInfo, QcowError> {
+    let root = images_dir
+        .canonicalize()
+        .map_err(|source| QcowError::OpenImagesDir {
+            path: images_dir.to_path_buf(),
+            source,
+        })?;
+    let top = path.canonicalize().map_err(read_error(path))?;
+    if !top.starts_with(&root) {
+        return Err(QcowError::OutsideImagesDir {
+            path: top,
+            images_dir: root,
+        });
+    }
+    let format = format_from_name(path).ok_or_else(|| {
+        refusal(
+            &top,
+            "its name does not say its format; \
+             name base images *.qcow2 (qcow2) or *.raw / *.img (raw)",
+        )
+    })?;
+    let mut image = read_image(path, &top, format)?;
+    let virtual_size = image.virtual_size;
+    let mut chain: Vec<ChainLink> = Vec::new();
+    while let Some((named, format)) = image.backing.take() {
+        let parent = chain.last().map_or(&top, |link| &link.path).clone();
+        if chain.len() == MAX_CHAIN_DEPTH {
+            return Err(QcowError::BackingChainTooDeep { image: top });
+        }
+        let link = named.canonicalize().map_err(read_error(&named))?;
+        if !link.starts_with(&root) {
+            return Err(QcowError::BackingOutsideImagesDir {
+                image: parent,
+                backing: link,
+                images_dir: root,
+            });
+        }
+        if link == top || chain.iter().any(|c| c.path == link) {
+            return Err(QcowError::BackingLoop {
+                image: top,
+                backing: link,
+            });
+        }
+        image = read_image(&named, &link, format)?;
+        chain.push(ChainLink { path: link, format });
+    }
+    Ok(BaseInfo {
+        path: top,
+        format,
+        virtual_size,
+        chain,
+    })
+}
+
+fn read_error(path: &Path) -> impl FnOnce(io::Error) -> QcowError + '_ {
+    move |source| QcowError::ReadImage {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn refusal(path: &Path, reason: impl Into<String>) -> QcowError {
+    QcowError::RefuseImage {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+fn format_from_name(path: &Path) -> Option<BaseFormat> {
+    let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+    match ext.as_str() {
+        "qcow2" => Some(BaseFormat::Qcow2),
+        "raw" | "img" => Some(BaseFormat::Raw),
+        _ => None,
+    }
+}
+
+/// What one image in a chain says about itself.
+struct Image {
+    virtual_size: u64,
+    /// The backing file as QEMU would resolve it, and its declared format.
+    backing: Option<(PathBuf, BaseFormat)>,
+}
+
+/// Reads and vets one image. `named` is the path as the chain names it
+/// (relative backing names resolve against its directory, as in QEMU);
+/// `canonical` is where it really is.
+fn read_image(named: &Path, canonical: &Path, format: BaseFormat) -> Result<Image, QcowError> {
+    let (head, file_len) = read_head(canonical)?;
+    let refuse = |reason: String| refusal(canonical, reason);
+    let has_magic = head.starts_with(MAGIC);
+    match format {
+        BaseFormat::Raw if has_magic => Err(refuse(
+            "it is used as raw but starts with the qcow2 magic, which a probing tool \
+             would obey; if it really is qcow2 (Ubuntu cloud images are, despite \
+             .img), name it *.qcow2"
+                .into(),
+        )),
+        BaseFormat::Raw if file_len == 0 || file_len % SECTOR != 0 => Err(refuse(format!(
+            "a raw image must be a non-zero multiple of {SECTOR} bytes, this one is {file_len}"
+        ))),
+        BaseFormat::Raw => Ok(Image {
+            virtual_size: file_len,
+            backing: None,
+        }),
+        BaseFormat::Qcow2 if !has_magic => Err(refuse(format!(
+            "it is not a qcow2 image (starts with \"{}\")",
+            head[..head.len().min(MAGIC.len())].escape_ascii()
+        ))),
+        BaseFormat::Qcow2 => {
+            let header = parse_header(&head).map_err(|e| refuse(e.to_string()))?;
+            check_base_header(&header, file_len).map_err(refuse)?;
+            let backing_format = header.backing_format.as_deref();
+            let backing = (header.backing_file.as_deref())
+                .map(|name| backing_of(named, name, backing_format))
+                .transpose()
+                .map_err(refuse)?;
+            Ok(Image {
+                virtual_size: header.size,
+                backing,
+            })
+        }
+    }
+}
+
+/// Returns the start of the file at `path` (cluster 0, which holds all that
+/// `parse_header` reads; at most 2 MiB) and the file's length.
+fn read_head(path: &Path) -> Result<(Vec<u8>, u64), QcowError> {
+    // stat before open: opening a FIFO for reading would block.
+    if !fs::metadata(path).map_err(read_error(path))?.is_file() {
+        return Err(refusal(path, "it is not a regular file"));
+    }
+    let file = File::open(path).map_err(read_error(path))?;
+    let file_len = file.metadata().map_err(read_error(path))?.len();
+    let want = file_len.min(1 << MAX_CLUSTER_BITS);
+    let mut head = Vec::with_capacity(want as usize);
+    (&file)
+        .take(want)
+        .read_to_end(&mut head)
+        .map_err(read_error(path))?;
+    Ok((head, file_len))
+}
+
+/// Where the backing `name` recorded in `image` points, and in what format.
+fn backing_of(
+    image: &Path,
+    name: &str,
+    format: Option<&str>,
+) -> Result<(PathBuf, BaseFormat), String> {
+    if name.starts_with("json:") {
+        return Err(format!(
+            "its backing file is a json: specification ({name}), \
+             which can open any driver or file"
+        ));
+    }
+    // QEMU's path_has_protocol: a ':' before the first '/' selects a
+    // protocol driver (nbd:, http:, ...) instead of a file.
+    if name.split('/').next().is_some_and(|s| s.contains(':')) {
+        return Err(format!(
+            "its backing file {name} names a QEMU protocol, not a file"
+        ));
+    }
+    let Some(format) = format else {
+        return Err(format!(
+            "it names its backing file ({name}) but not the backing format, so QEMU \
+             would probe it; record it with `qemu-img rebase -u -b {name} -F qcow2|raw`"
+        ));
+    };
+    let format = BaseFormat::from_qemu_name(format).ok_or_else(|| {
+        format!("its backing format {format} is not supported; only qcow2 and raw are")
+    })?;
+    let dir = image.parent().unwrap_or(Path::new(""));
+    Ok((dir.join(name), format))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+
+    /// A scratch directory under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> TempDir {
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let name = format!("agentlab-qcow-unit-{}-{n}", std::process::id());
+            let path = std::env::temp_dir().join(name);
+            let _ = fs::remove_dir_all(&path);
+            fs::create_dir_all(&path).unwrap();
+            TempDir(path.canonicalize().unwrap())
+        }
+
+        fn subdir(&self, name: &str) -> PathBuf {
+            let path = self.0.join(name);
+            fs::create_dir_all(&path).unwrap();
+            path
+        }
+
+        fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
+            let path = self.0.join(name);
+            fs::write(&path, bytes).unwrap();
+            path
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn overlay(backing: &str, format: BaseFormat) -> Vec<u8> {
+        overlay_image(backing, format, MIB).unwrap()
+    }
+
+    fn patched(mut buf: Vec<u8>, at: usize, bytes: &[u8]) -> Vec<u8> {
+        buf[at..at + bytes.len()].copy_from_slice(bytes);
+        buf
+    }
+
+    fn parse_error(buf: &[u8]) -> String {
+        match parse_header(buf) {
+            Err(QcowError::ParseHeader(reason)) => reason,
+            other => panic!("expected a parse error, got {other:?}"),
+        }
+    }
+
+    fn check_error(buf: &[u8]) -> String {
+        let header = parse_header(buf).unwrap();
+        check_base_header(&header, buf.len() as u64).unwrap_err()
+    }
+
+    fn refusal(result: Result<BaseInfo, QcowError>) -> String {
+        match result {
+            Err(QcowError::RefuseImage { reason, .. }) => reason,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    /// Writes `n` qcow2 images `0.qcow2`..: each backed by the next, the last by none.
+    fn write_chain(dir: &TempDir, n: usize) -> PathBuf {
+        dir.file(&format!("{}.raw", n), &vec![0; 512]);
+        for i in 0..n {
+            let next = format!("{}.{}", i + 1, if i + 1 == n { "raw" } else { "qcow2" });
+            let format = if i + 1 == n {
+                BaseFormat::Raw
+            } else {
+                BaseFormat::Qcow2
+            };
+            dir.file(&format!("{i}.qcow2"), &overlay(&next, format));
+        }
+        dir.0.join("0.qcow2")
+    }
+
+    // --- writing ---
+
+    #[test]
+    fn overlay_header_round_trips_through_parse_header() {
+        let buf = overlay_image("/images/base.qcow2", BaseFormat::Qcow2, GIB).unwrap();
+
+        let header = parse_header(&buf).unwrap();
+
+        let expected = Header {
+            version: 3,
+            cluster_bits: 16,
+            size: GIB,
+            crypt_method: 0,
+            l1_size: 2,
+            l1_table_offset: 0x30000,
+            refcount_table_offset: 0x10000,
+            refcount_table_clusters: 1,
+            nb_snapshots: 0,
+            snapshots_offset: 0,
+            incompatible_features: 0,
+            compatible_features: 0,
+            autoclear_features: 0,
+            refcount_order: 4,
+            header_length: 112,
+            compression_type: 0,
+            backing_file: Some("/images/base.qcow2".into()),
+            backing_format: Some("qcow2".into()),
+            external_data_file: false,
+        };
+        assert_eq!(header, expected);
+    }
+
+    #[test]
+    fn overlay_of_1_gib_is_as_long_as_the_one_qemu_img_writes() {
+        let buf = overlay_image("/images/base.raw", BaseFormat::Raw, GIB).unwrap();
+
+        assert_eq!(buf.len(), 196_624);
+    }
+
+    #[test]
+    fn overlay_passes_the_base_checks() {
+        let buf = overlay_image("/images/base.raw", BaseFormat::Raw, 3 * GIB + 512).unwrap();
+        let header = parse_header(&buf).unwrap();
+
+        assert_eq!(check_base_header(&header, buf.len() as u64), Ok(()));
+    }
+
+    #[test]
+    fn overlay_of_2_tib_keeps_its_4096_entry_l1_in_cluster_3() {
+        let buf = overlay_image("/b", BaseFormat::Raw, 2 << 40).unwrap();
+
+        let header = parse_header(&buf).unwrap();
+        assert_eq!((header.l1_size, header.l1_table_offset), (4096, 0x30000));
+        assert_eq!(buf.len(), 3 * 65536 + 32768);
+    }
+
+    #[test]
+    fn overlay_of_2_pib_spans_512_l1_clusters_counted_in_one_refcount_block() {
+        let size = 2 << 50;
+
+        let buf = overlay_image("/b", BaseFormat::Raw, size).unwrap();
+
+        let header = parse_header(&buf).unwrap();
+        assert_eq!(OverlayLayout::new(size, 16).l1_clusters, 512);
+        assert_eq!(check_base_header(&header, buf.len() as u64), Ok(()));
+        let counts = &buf[0x20000..0x20000 + 2 * 516];
+        assert!(counts[..2 * 515].chunks(2).all(|c| c == [0, 1]));
+        assert_eq!(&counts[2 * 515..], [0, 0]);
+    }
+
+    #[test]
+    fn layout_with_small_clusters_grows_several_refcount_blocks() {
+        // 512-byte clusters: one block counts 256 clusters, one L1 entry
+        // maps 32 KiB, so 1 GiB needs a 256 KiB L1 table of 512 clusters.
+        let layout = OverlayLayout::new(GIB, 9);
+
+        let expected = OverlayLayout {
+            cluster_size: 512,
+            l1_entries: 32768,
+            reftable_clusters: 1,
+            refblock_clusters: 3,
+            l1_clusters: 512,
+        };
+        assert_eq!(layout, expected);
+    }
+
+    #[test]
+    fn overlay_with_small_clusters_points_at_every_refcount_block() {
+        let buf = build_overlay("/b", BaseFormat::Raw, GIB, 9).unwrap();
+
+        let header = parse_header(&buf).unwrap();
+        assert_eq!(check_base_header(&header, buf.len() as u64), Ok(()));
+        let table: Vec<u64> = buf[512..512 + 4 * 8]
+            .chunks(8)
+            .map(|e| u64::from_be_bytes(e.try_into().unwrap()))
+            .collect();
+        assert_eq!(table, [1024, 1536, 2048, 0]);
+        assert_eq!(header.l1_table_offset, 2560);
+        let counts = &buf[1024..1024 + 2 * 518];
+        assert!(counts[..2 * 517].chunks(2).all(|c| c == [0, 1]));
+        assert_eq!(&counts[2 * 517..], [0, 0]);
+    }
+
+    #[test]
+    fn overlay_image_refuses_size_zero() {
+        let err = overlay_image("/b", BaseFormat::Raw, 0).unwrap_err();
+
+        assert!(err.to_string().contains("virtual size 0"), "{err}");
+    }
+
+    #[test]
+    fn overlay_image_refuses_a_size_that_is_not_whole_sectors() {
+        let err = overlay_image("/b", BaseFormat::Raw, GIB + 1).unwrap_err();
+
+        assert!(err.to_string().contains("multiple of 512"), "{err}");
+    }
+
+    #[test]
+    fn overlay_image_refuses_more_than_2_pib() {
+        let err = overlay_image("/b", BaseFormat::Raw, (2 << 50) + 512).unwrap_err();
+
+        assert!(err.to_string().contains("exceeds"), "{err}");
+    }
+
+    #[test]
+    fn overlay_image_refuses_a_backing_name_over_1023_bytes() {
+        let name = format!("/{}", "a".repeat(1023));
+
+        let err = overlay_image(&name, BaseFormat::Raw, MIB).unwrap_err();
+
+        assert!(err.to_string().contains("1024 bytes"), "{err}");
+    }
+
+    #[test]
+    fn overlay_image_accepts_a_backing_name_of_1023_bytes() {
+        let name = format!("/{}", "a".repeat(1022));
+
+        let buf = overlay_image(&name, BaseFormat::Raw, MIB).unwrap();
+
+        assert_eq!(parse_header(&buf).unwrap().backing_file, Some(name));
+    }
+
+    // --- parsing ---
+
+    #[test]
+    fn parse_header_refuses_bad_magic() {
+        let buf = patched(overlay("/b", BaseFormat::Raw), 0, b"QFI\0");
+
+        assert!(parse_error(&buf).contains("magic"));
+    }
+
+    #[test]
+    fn parse_header_refuses_version_1() {
+        let buf = patched(
+            overlay("/b", BaseFormat::Raw),
+            OFF_VERSION,
+            &1u32.to_be_bytes(),
+        );
+
+        assert!(parse_error(&buf).contains("version 1"));
+    }
+
+    #[test]
+    fn parse_header_refuses_a_cluster_size_over_2_mib() {
+        let buf = patched(
+            overlay("/b", BaseFormat::Raw),
+            OFF_CLUSTER_BITS,
+            &22u32.to_be_bytes(),
+        );
+
+        assert!(parse_error(&buf).contains("2^22"));
+    }
+
+    #[test]
+    fn parse_header_refuses_a_backing_name_running_past_cluster_0() {
+        let at = OFF_BACKING_FILE_SIZE;
+        let buf = patched(overlay("/b", BaseFormat::Raw), at, &1023u32.to_be_bytes());
+        let buf = patched(buf, OFF_BACKING_FILE_OFFSET, &65000u64.to_be_bytes());
+
+        assert!(parse_error(&buf).contains("past the first cluster"));
+    }
+
+    #[test]
+    fn parse_header_refuses_an_extension_longer_than_its_area() {
+        let buf = patched(
+            overlay("/b", BaseFormat::Raw),
+            116,
+            &0xffff_fff0u32.to_be_bytes(),
+        );
+
+        assert!(parse_error(&buf).contains("claims"));
+    }
+
+    #[test]
+    fn parse_header_reports_truncation_of_a_short_buffer() {
+        let buf = overlay("/b", BaseFormat::Raw);
+
+        assert!(parse_error(&buf[..50]).contains("truncated"));
+    }
+
+    #[test]
+    fn parse_header_reads_no_backing_format_from_an_unknown_extension() {
+        let buf = patched(
+            overlay("/b", BaseFormat::Raw),
+            112,
+            &0x1234_5678u32.to_be_bytes(),
+        );
+
+        let header = parse_header(&buf).unwrap();
+
+        assert_eq!(header.backing_format, None);
+        assert_eq!(header.backing_file.as_deref(), Some("/b"));
+    }
+
+    // --- base checks ---
+
+    #[test]
+    fn base_check_refuses_encryption() {
+        let buf = patched(
+            overlay("/b", BaseFormat::Raw),
+            OFF_CRYPT_METHOD,
+            &2u32.to_be_bytes(),
+        );
+
+        assert!(check_error(&buf).contains("encrypted images are not supported"));
+    }
+
+    #[test]
+    fn base_check_refuses_the_corrupt_bit() {
+        let at = OFF_INCOMPATIBLE_FEATURES;
+        let buf = patched(
+            overlay("/b", BaseFormat::Raw),
+            at,
+            &INCOMPAT_CORRUPT.to_be_bytes(),
+        );
+
+        assert!(check_error(&buf).contains("corrupt"));
+    }
+
+    #[test]
+    fn base_check_refuses_the_dirty_bit() {
+        let at = OFF_INCOMPATIBLE_FEATURES;
+        let buf = patched(
+            overlay("/b", BaseFormat::Raw),
+            at,
+            &INCOMPAT_DIRTY.to_be_bytes(),
+        );
+
+        assert!(check_error(&buf).contains("dirty"));
+    }
+
+    #[test]
+    fn base_check_refuses_an_external_data_file() {
+        let bit = INCOMPAT_EXTERNAL_DATA.to_be_bytes();
+        let buf = patched(
+            overlay("/b", BaseFormat::Raw),
+            OFF_INCOMPATIBLE_FEATURES,
+            &bit,
+        );
+
+        assert!(check_error(&buf).contains("external data file"));
+    }
+
+    #[test]
+    fn base_check_refuses_an_external_data_file_extension_without_its_bit() {
+        let ext = EXT_EXTERNAL_DATA_FILE.to_be_bytes();
+        let buf = patched(overlay("/b", BaseFormat::Raw), 112, &ext);
+
+        assert!(check_error(&buf).contains("external data file"));
+    }
+
+    #[test]
+    fn base_check_refuses_unknown_incompatible_features() {
+        let at = OFF_INCOMPATIBLE_FEATURES;
+        let buf = patched(
+            overlay("/b", BaseFormat::Raw),
+            at,
+            &(1u64 << 40).to_be_bytes(),
+        );
+
+        assert!(check_error(&buf).contains("0x10000000000"));
+    }
+
+    #[test]
+    fn base_check_refuses_a_truncated_l1_table() {
+        let buf = overlay_image("/b", BaseFormat::Raw, GIB).unwrap();
+        let header = parse_header(&buf).unwrap();
+
+        let err = check_base_header(&header, buf.len() as u64 - 8).unwrap_err();
+
+        assert_eq!(
+            err,
+            "it is truncated: its L1 table ends at byte 196624 but the file is 196616 bytes"
+        );
+    }
+
+    #[test]
+    fn base_check_refuses_an_l1_table_too_small_for_the_size() {
+        let buf = patched(overlay("/b", BaseFormat::Raw), OFF_SIZE, &GIB.to_be_bytes());
+
+        assert!(check_error(&buf).contains("L1 table is too small"));
+    }
+
+    #[test]
+    fn base_check_refuses_a_misaligned_l1_table() {
+        let at = OFF_L1_TABLE_OFFSET;
+        let buf = patched(
+            overlay("/b", BaseFormat::Raw),
+            at,
+            &0x30008u64.to_be_bytes(),
+        );
+
+        assert!(check_error(&buf).contains("not cluster-aligned"));
+    }
+
+    #[test]
+    fn base_check_refuses_a_snapshot_table_past_the_end() {
+        let buf = patched(
+            overlay("/b", BaseFormat::Raw),
+            OFF_NB_SNAPSHOTS,
+            &1u32.to_be_bytes(),
+        );
+        let buf = patched(buf, OFF_SNAPSHOTS_OFFSET, &0x40000u64.to_be_bytes());
+
+        assert!(check_error(&buf).contains("snapshot table ends at byte"));
+    }
+
+    /// xorshift64: deterministic, good enough to scramble headers.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    /// A fuzz loop by nature: thousands of mutants of a valid header (with
+    /// extensions and a backing name) must each parse or fail, never panic.
+    #[test]
+    fn parse_header_and_base_checks_never_panic_on_mutated_headers() {
+        let seed = overlay("/var/lib/agentlab/images/base.qcow2", BaseFormat::Qcow2);
+        let seed = &seed[..1024];
+        let interesting = [0x00, 0x01, 0x07, 0x08, 0x10, 0x7f, 0x80, 0xfe, 0xff];
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let mut parsed = 0;
+
+        for _ in 0..50_000 {
+            let mut buf = seed.to_vec();
+            for _ in 0..1 + rng.below(8) {
+                // Mostly the fixed header and extensions, sometimes anywhere.
+                let at = if rng.below(4) == 0 {
+                    rng.below(buf.len())
+                } else {
+                    rng.below(136)
+                };
+                buf[at] = match rng.below(3) {
+                    0 => interesting[rng.below(interesting.len())],
+                    1 => buf[at] ^ (1 << rng.below(8)),
+                    _ => rng.next() as u8,
+                };
+            }
+            buf.truncate(if rng.below(8) == 0 {
+                rng.below(buf.len())
+            } else {
+                buf.len()
+            });
+            if let Ok(header) = parse_header(&buf) {
+                parsed += 1;
+                let _ = check_base_header(&header, rng.next() >> rng.below(64));
+            }
+        }
+
+        assert!(
+            parsed > 1000,
+            "the mutants barely reached the checks: {parsed}"
+        );
+    }
+
+    // --- inspect_base ---
+
+    #[test]
+    fn inspect_base_follows_a_chain_down_to_a_raw_image() {
+        let dir = TempDir::new();
+        let base = dir.file("base.raw", &vec![0; MIB as usize]);
+        let mid = dir.file("mid.qcow2", &overlay("base.raw", BaseFormat::Raw));
+        let top_bytes = overlay_image(mid.to_str().unwrap(), BaseFormat::Qcow2, 2 * MIB).unwrap();
+        let top = dir.file("top.qcow2", &top_bytes);
+
+        let info = inspect_base(&top, &dir.0).unwrap();
+
+        let expected = BaseInfo {
+            path: top,
+            format: BaseFormat::Qcow2,
+            virtual_size: 2 * MIB,
+            chain: vec![
+                ChainLink {
+                    path: mid,
+                    format: BaseFormat::Qcow2,
+                },
+                ChainLink {
+                    path: base,
+                    format: BaseFormat::Raw,
+                },
+            ],
+        };
+        assert_eq!(info, expected);
+    }
+
+    #[test]
+    fn inspect_base_accepts_a_raw_image() {
+        let dir = TempDir::new();
+        let base = dir.file("base.img", &vec![0; 4096]);
+
+        let info = inspect_base(&base, &dir.0).unwrap();
+
+        let expected = BaseInfo {
+            path: base,
+            format: BaseFormat::Raw,
+            virtual_size: 4096,
+            chain: vec![],
+        };
+        assert_eq!(info, expected);
+    }
+
+    #[test]
+    fn inspect_base_refuses_an_absolute_backing_file_outside_the_images_dir() {
+        let dir = TempDir::new();
+        let images = dir.subdir("images");
+        let secret = dir.file("secret.raw", &[0; 512]);
+        let evil = images.join("evil.qcow2");
+        fs::write(&evil, overlay(secret.to_str().unwrap(), BaseFormat::Raw)).unwrap();
+
+        let err = inspect_base(&evil, &images).unwrap_err();
+
+        assert!(
+            matches!(err, QcowError::BackingOutsideImagesDir { ref backing, .. }
+            if *backing == secret)
+        );
+        let message = format!(
+            "has a backing file outside {}: {}",
+            images.display(),
+            secret.display()
+        );
+        assert!(err.to_string().contains(&message), "{err}");
+    }
+
+    #[test]
+    fn inspect_base_refuses_a_relative_backing_file_escaping_through_dotdot() {
+        let dir = TempDir::new();
+        let images = dir.subdir("images");
+        let secret = dir.file("secret.raw", &[0; 512]);
+        let evil = images.join("evil.qcow2");
+        fs::write(&evil, overlay("../secret.raw", BaseFormat::Raw)).unwrap();
+
+        let err = inspect_base(&evil, &images).unwrap_err();
+
+        assert!(
+            matches!(err, QcowError::BackingOutsideImagesDir { ref backing, .. }
+            if *backing == secret)
+        );
+    }
+
+    #[test]
+    fn inspect_base_refuses_a_backing_symlink_pointing_outside() {
+        let dir = TempDir::new();
+        let images = dir.subdir("images");
+        let secret = dir.file("secret.raw", &[0; 512]);
+        std::os::unix::fs::symlink(&secret, images.join("link.raw")).unwrap();
+        let evil = images.join("evil.qcow2");
+        fs::write(&evil, overlay("link.raw", BaseFormat::Raw)).unwrap();
+
+        let err = inspect_base(&evil, &images).unwrap_err();
+
+        assert!(
+            matches!(err, QcowError::BackingOutsideImagesDir { .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn inspect_base_refuses_an_image_outside_the_images_dir() {
+        let dir = TempDir::new();
+        let images = dir.subdir("images");
+        let stray = dir.file("stray.raw", &[0; 512]);
+
+        let err = inspect_base(&stray, &images).unwrap_err();
+
+        assert!(matches!(err, QcowError::OutsideImagesDir { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn inspect_base_refuses_a_json_backing_name() {
+        let dir = TempDir::new();
+        let name = r#"json:{"file":{"driver":"file","filename":"/etc/shadow"}}"#;
+        let top = dir.file("top.qcow2", &overlay(name, BaseFormat::Raw));
+
+        assert!(refusal(inspect_base(&top, &dir.0)).contains("json:"));
+    }
+
+    #[test]
+    fn inspect_base_refuses_a_protocol_backing_name() {
+        let dir = TempDir::new();
+        let top = dir.file(
+            "top.qcow2",
+            &overlay("nbd:evil.example:10809", BaseFormat::Raw),
+        );
+
+        assert!(refusal(inspect_base(&top, &dir.0)).contains("protocol"));
+    }
+
+    #[test]
+    fn inspect_base_refuses_a_backing_file_without_its_format() {
+        let dir = TempDir::new();
+        dir.file("base.raw", &[0; 512]);
+        let unknown_ext = 0x1234_5678u32.to_be_bytes();
+        let top = dir.file(
+            "top.qcow2",
+            &patched(overlay("base.raw", BaseFormat::Raw), 112, &unknown_ext),
+        );
+
+        assert!(refusal(inspect_base(&top, &dir.0)).contains("would probe"));
+    }
+
+    #[test]
+    fn inspect_base_refuses_an_unsupported_backing_format() {
+        let dir = TempDir::new();
+        dir.file("base.raw", &[0; 512]);
+        let buf = patched(overlay("base.raw", BaseFormat::Raw), 120, b"vmd");
+        let top = dir.file("top.qcow2", &buf);
+
+        assert!(refusal(inspect_base(&top, &dir.0)).contains("backing format vmd"));
+    }
+
+    #[test]
+    fn inspect_base_refuses_a_backing_loop() {
+        let dir = TempDir::new();
+        dir.file("a.qcow2", &overlay("b.qcow2", BaseFormat::Qcow2));
+        dir.file("b.qcow2", &overlay("a.qcow2", BaseFormat::Qcow2));
+
+        let err = inspect_base(&dir.0.join("a.qcow2"), &dir.0).unwrap_err();
+
+        assert!(matches!(err, QcowError::BackingLoop { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn inspect_base_refuses_an_image_backed_by_itself() {
+        let dir = TempDir::new();
+        let top = dir.file("a.qcow2", &overlay("a.qcow2", BaseFormat::Qcow2));
+
+        let err = inspect_base(&top, &dir.0).unwrap_err();
+
+        assert!(matches!(err, QcowError::BackingLoop { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn inspect_base_accepts_a_chain_of_16_links() {
+        let dir = TempDir::new();
+        let top = write_chain(&dir, MAX_CHAIN_DEPTH);
+
+        let info = inspect_base(&top, &dir.0).unwrap();
+
+        assert_eq!(info.chain.len(), MAX_CHAIN_DEPTH);
+    }
+
+    #[test]
+    fn inspect_base_refuses_a_chain_of_17_links() {
+        let dir = TempDir::new();
+        let top = write_chain(&dir, MAX_CHAIN_DEPTH + 1);
+
+        let err = inspect_base(&top, &dir.0).unwrap_err();
+
+        assert!(
+            matches!(err, QcowError::BackingChainTooDeep { .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn inspect_base_refuses_a_raw_named_file_with_the_qcow2_magic() {
+        let dir = TempDir::new();
+        dir.file("base.raw", &[0; 512]);
+        let disguised = dir.file("disguised.img", &overlay("base.raw", BaseFormat::Raw));
+
+        assert!(refusal(inspect_base(&disguised, &dir.0)).contains("qcow2 magic"));
+    }
+
+    #[test]
+    fn inspect_base_refuses_a_backing_declared_raw_that_has_the_qcow2_magic() {
+        let dir = TempDir::new();
+        dir.file("base.raw", &[0; 512]);
+        dir.file("sneaky", &overlay("base.raw", BaseFormat::Raw));
+        let top = dir.file("top.qcow2", &overlay("sneaky", BaseFormat::Raw));
+
+        assert!(refusal(inspect_base(&top, &dir.0)).contains("qcow2 magic"));
+    }
+
+    #[test]
+    fn inspect_base_refuses_a_qcow2_named_file_without_the_magic() {
+        let dir = TempDir::new();
+        let garbage = dir.file("garbage.qcow2", b"\x7fELF\x02\x01\x01\0 not an image");
+
+        let reason = refusal(inspect_base(&garbage, &dir.0));
+
+        assert_eq!(reason, r#"it is not a qcow2 image (starts with "\x7fELF")"#);
+    }
+
+    #[test]
+    fn inspect_base_refuses_a_zero_length_raw_image() {
+        let dir = TempDir::new();
+        let empty = dir.file("empty.raw", b"");
+
+        assert!(refusal(inspect_base(&empty, &dir.0)).contains("this one is 0"));
+    }
+
+    #[test]
+    fn inspect_base_refuses_a_raw_image_that_is_not_whole_sectors() {
+        let dir = TempDir::new();
+        let odd = dir.file("odd.raw", &[0; 1000]);
+
+        assert!(refusal(inspect_base(&odd, &dir.0)).contains("this one is 1000"));
+    }
+
+    #[test]
+    fn inspect_base_refuses_an_unknown_file_extension() {
+        let dir = TempDir::new();
+        let vmdk = dir.file("disk.vmdk", &[0; 512]);
+
+        assert!(refusal(inspect_base(&vmdk, &dir.0)).contains("*.qcow2"));
+    }
+
+    #[test]
+    fn inspect_base_refuses_a_directory() {
+        let dir = TempDir::new();
+        let not_a_file = dir.subdir("dir.raw");
+
+        assert!(refusal(inspect_base(&not_a_file, &dir.0)).contains("not a regular file"));
+    }
+
+    #[test]
+    fn inspect_base_refuses_a_truncated_qcow2_image() {
+        let dir = TempDir::new();
+        dir.file("base.raw", &[0; 512]);
+        let buf = overlay("base.raw", BaseFormat::Raw);
+        let cut = dir.file("cut.qcow2", &buf[..0x30000]);
+
+        assert!(refusal(inspect_base(&cut, &dir.0)).contains("ends at byte 196616"));
+    }
+
+    // --- write_overlay ---
+
+    #[test]
+    fn write_overlay_writes_the_image_and_leaves_no_temp_file() {
+        let dir = TempDir::new();
+        let base = dir.file("base.raw", &[0; 512]);
+        let ovl = dir.0.join("ovl.qcow2");
+
+        write_overlay(&ovl, &base, BaseFormat::Raw, MIB).unwrap();
+
+        let expected = overlay_image(base.to_str().unwrap(), BaseFormat::Raw, MIB).unwrap();
+        assert_eq!(fs::read(&ovl).unwrap(), expected);
+        let mut names: Vec<_> = fs::read_dir(&dir.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["base.raw", "ovl.qcow2"]);
+    }
+
+    #[test]
+    fn write_overlay_records_the_canonical_backing_path() {
+        let dir = TempDir::new();
+        dir.file("base.raw", &[0; 512]);
+        let via_dotdot = dir.subdir("sub").join("../base.raw");
+        let ovl = dir.0.join("ovl.qcow2");
+
+        write_overlay(&ovl, &via_dotdot, BaseFormat::Raw, MIB).unwrap();
+
+        let header = parse_header(&fs::read(&ovl).unwrap()).unwrap();
+        let expected = dir.0.join("base.raw").to_str().unwrap().to_owned();
+        assert_eq!(header.backing_file, Some(expected));
+    }
+
+    #[test]
+    fn write_overlay_failing_to_rename_leaves_no_temp_file() {
+        let dir = TempDir::new();
+        let base = dir.file("base.raw", &[0; 512]);
+        let occupied = dir.subdir("ovl.qcow2");
+        fs::write(occupied.join("keep"), b"").unwrap();
+
+        let err = write_overlay(&occupied, &base, BaseFormat::Raw, MIB).unwrap_err();
+
+        assert!(matches!(err, QcowError::WriteOverlay { .. }), "{err:?}");
+        assert!(!dir.0.join(".ovl.qcow2.tmp").exists());
+        assert!(occupied.join("keep").exists());
+    }
+
+    #[test]
+    fn write_overlay_refuses_a_missing_backing_file() {
+        let dir = TempDir::new();
+        let ovl = dir.0.join("ovl.qcow2");
+
+        let err = write_overlay(&ovl, &dir.0.join("nope.raw"), BaseFormat::Raw, MIB).unwrap_err();
+
+        assert!(matches!(err, QcowError::ReadImage { .. }), "{err:?}");
+        assert!(!ovl.exists());
+    }
+
+    #[test]
+    fn write_overlay_refuses_size_zero_and_writes_nothing() {
+        let dir = TempDir::new();
+        let base = dir.file("base.raw", &[0; 512]);
+        let ovl = dir.0.join("ovl.qcow2");
+
+        let err = write_overlay(&ovl, &base, BaseFormat::Raw, 0).unwrap_err();
+
+        assert!(matches!(err, QcowError::BuildOverlay(_)), "{err:?}");
+        assert!(!ovl.exists());
+    }
+
+    #[test]
+    fn base_format_serializes_lowercase() {
+        let json = serde_json::to_string(&[BaseFormat::Qcow2, BaseFormat::Raw]).unwrap();
+
+        assert_eq!(json, r#"["qcow2","raw"]"#);
     }
 }
