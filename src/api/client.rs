@@ -71,7 +71,12 @@ impl Client {
         self.request("POST", path, Some(body))
     }
 
-    pub fn request(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, ClientError> {
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, ClientError> {
         let mut s = self.connect()?;
         let bytes = body.map(|b| b.to_string().into_bytes());
         s.write_all(&http::encode_request(method, path, bytes.as_deref()))
@@ -82,7 +87,9 @@ impl Client {
         match kind {
             BodyKind::Length(n) => {
                 if n > MAX_RESPONSE {
-                    return Err(ClientError::Protocol(format!("response of {n} bytes is too large")));
+                    return Err(ClientError::Protocol(format!(
+                        "response of {n} bytes is too large"
+                    )));
                 }
                 reader.exact(n, &mut out)?;
             }
@@ -90,14 +97,18 @@ impl Client {
                 out.extend_from_slice(data);
                 out.len() <= MAX_RESPONSE
             })?,
-            BodyKind::UntilClose => reader.to_end(&mut out)?,
+            BodyKind::UntilClose => reader.read_to_close(&mut out)?,
         }
         decode(status, &out)
     }
 
     /// Reads an NDJSON stream, calling `on_item` per line until it returns
     /// false or the daemon ends the stream.
-    pub fn stream(&self, path: &str, mut on_item: impl FnMut(Value) -> bool) -> Result<(), ClientError> {
+    pub fn stream(
+        &self,
+        path: &str,
+        mut on_item: impl FnMut(Value) -> bool,
+    ) -> Result<(), ClientError> {
         let mut s = self.connect()?;
         // A stream may be quiet for a long time; only the connect is timed.
         s.set_read_timeout(None).map_err(ClientError::Io)?;
@@ -138,16 +149,27 @@ fn decode(status: u16, body: &[u8]) -> Result<Value, ClientError> {
     let v: Value = if body.is_empty() {
         Value::Null
     } else {
-        serde_json::from_slice(body).map_err(|e| ClientError::Protocol(format!("invalid JSON: {e}")))?
+        serde_json::from_slice(body)
+            .map_err(|e| ClientError::Protocol(format!("invalid JSON: {e}")))?
     };
     if (200..300).contains(&status) {
         Ok(v)
     } else {
-        let message = v["error"]
-            .as_str()
-            .map(String::from)
-            .unwrap_or_else(|| format!("agentlabd answered {status} {}", http::reason_phrase(status)));
+        let message = v["error"].as_str().map(String::from).unwrap_or_else(|| {
+            format!(
+                "agentlabd answered {status} {}",
+                http::reason_phrase(status)
+            )
+        });
         Err(ClientError::Api { status, message })
+    }
+}
+
+/// The codec's default body cap is for requests; answers may be larger.
+fn response_limits() -> Limits {
+    Limits {
+        max_body: MAX_RESPONSE,
+        ..Limits::default()
     }
 }
 
@@ -177,14 +199,16 @@ impl Reader {
 
     fn head(&mut self) -> Result<(u16, BodyKind), ClientError> {
         loop {
-            match http::parse_response_head(&self.buf, &Limits::default()) {
+            match http::parse_response_head(&self.buf, &response_limits()) {
                 Ok(Some((head, used))) => {
                     self.buf.drain(..used);
                     return Ok((head.status, head.body_kind));
                 }
                 Ok(None) => {
                     if self.fill()? == 0 {
-                        return Err(ClientError::Protocol("connection closed before a response".into()));
+                        return Err(ClientError::Protocol(
+                            "connection closed before a response".into(),
+                        ));
                     }
                 }
                 Err(e) => return Err(ClientError::Protocol(e.message)),
@@ -202,7 +226,7 @@ impl Reader {
         Ok(())
     }
 
-    fn to_end(&mut self, out: &mut Vec<u8>) -> Result<(), ClientError> {
+    fn read_to_close(&mut self, out: &mut Vec<u8>) -> Result<(), ClientError> {
         while self.fill()? > 0 {
             if self.buf.len() > MAX_RESPONSE {
                 return Err(ClientError::Protocol("response too large".into()));
@@ -231,7 +255,9 @@ impl Reader {
                 return Ok(());
             }
             if self.fill()? == 0 {
-                return Err(ClientError::Protocol("stream ended without its last chunk".into()));
+                return Err(ClientError::Protocol(
+                    "stream ended without its last chunk".into(),
+                ));
             }
         }
     }

@@ -14,8 +14,8 @@ use serde_json::{json, Value};
 
 use super::http::{Request, Response};
 use super::types::{
-    BuildImageRequest, ConsoleInput, CreateRequest, ErrorBody, ForceRequest, PruneRequest, RenewRequest,
-    RevertRequest, StartRequest,
+    BuildImageRequest, ConsoleInput, CreateRequest, ErrorBody, ForceRequest, PruneRequest,
+    RenewRequest, RevertRequest, StartRequest,
 };
 use crate::daemon::bus::{BusItem, Filter};
 use crate::daemon::manager::{Manager, OpError};
@@ -44,11 +44,17 @@ pub fn handle(m: &Arc<Manager>, req: &Request, socket: &str) -> Reply {
 }
 
 fn error(status: u16, msg: &str) -> Response {
-    Response::json(status, &json!(ErrorBody { error: msg.to_string() }))
+    Response::json(
+        status,
+        &json!(ErrorBody {
+            error: msg.to_string()
+        }),
+    )
 }
 
 fn ok<T: Serialize>(status: u16, v: &T) -> Result<Reply, OpError> {
-    let value = serde_json::to_value(v).map_err(|e| OpError::Host(format!("cannot encode reply: {e}")))?;
+    let value =
+        serde_json::to_value(v).map_err(|e| OpError::Host(format!("cannot encode reply: {e}")))?;
     Ok(Reply::Whole(Response::json(status, &value)))
 }
 
@@ -57,7 +63,8 @@ fn body<T: DeserializeOwned + Default>(req: &Request) -> Result<T, OpError> {
     if req.body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(&req.body).map_err(|e| OpError::BadRequest(format!("invalid request body: {e}")))
+    serde_json::from_slice(&req.body)
+        .map_err(|e| OpError::BadRequest(format!("invalid request body: {e}")))
 }
 
 fn flag(req: &Request, name: &str) -> bool {
@@ -67,9 +74,9 @@ fn flag(req: &Request, name: &str) -> bool {
 fn number(req: &Request, name: &str, default: usize) -> Result<usize, OpError> {
     match req.query_param(name) {
         None => Ok(default),
-        Some(v) => v
-            .parse()
-            .map_err(|_| OpError::BadRequest(format!("query parameter {name}={v:?} is not a number"))),
+        Some(v) => v.parse().map_err(|_| {
+            OpError::BadRequest(format!("query parameter {name}={v:?} is not a number"))
+        }),
     }
 }
 
@@ -89,7 +96,10 @@ fn route(m: &Arc<Manager>, req: &Request, socket: &str) -> Result<Reply, OpError
             let mut lines = Vec::new();
             m.backend()
                 .build_default_image(r.force, &mut |l| lines.push(l.to_string()))?;
-            ok(200, &json!({"built": true, "progress": lines, "images": m.backend().images()}))
+            ok(
+                200,
+                &json!({"built": true, "progress": lines, "images": m.backend().images()}),
+            )
         }
         ("GET", ["v1", "sandboxes"]) => ok(200, &json!({"sandboxes": m.list(flag(req, "all"))?})),
         ("POST", ["v1", "sandboxes"]) => {
@@ -121,9 +131,15 @@ fn route(m: &Arc<Manager>, req: &Request, socket: &str) -> Result<Reply, OpError
         ("POST", ["v1", "sandboxes", id, "lease", "renew"]) => {
             let r: RenewRequest = body(req)?;
             let ttl = match (r.ttl, r.ttl_minutes) {
-                (Some(t), None) => parse_duration(&t).map_err(|e| OpError::BadRequest(format!("ttl: {e}")))?,
+                (Some(t), None) => {
+                    parse_duration(&t).map_err(|e| OpError::BadRequest(format!("ttl: {e}")))?
+                }
                 (None, Some(mins)) => std::time::Duration::from_secs(mins.saturating_mul(60)),
-                _ => return Err(OpError::BadRequest("give exactly one of ttl or ttl_minutes".into())),
+                _ => {
+                    return Err(OpError::BadRequest(
+                        "give exactly one of ttl or ttl_minutes".into(),
+                    ))
+                }
             };
             ok(200, &m.renew(id, ttl)?)
         }
@@ -139,7 +155,10 @@ fn route(m: &Arc<Manager>, req: &Request, socket: &str) -> Result<Reply, OpError
             "method {method} is not allowed on {}",
             req.path
         ))),
-        _ => Err(OpError::NotFound(format!("no such route: {method} {}", req.path))),
+        _ => Err(OpError::NotFound(format!(
+            "no such route: {method} {}",
+            req.path
+        ))),
     }
 }
 
@@ -148,9 +167,17 @@ fn known_path(seg: &[&str]) -> bool {
     matches!(
         seg,
         ["healthz"]
-            | ["v1", "status" | "profiles" | "images" | "sandboxes" | "events"]
+            | [
+                "v1",
+                "status" | "profiles" | "images" | "sandboxes" | "events"
+            ]
             | ["v1", "sandboxes", _]
-            | ["v1", "sandboxes", _, "start" | "stop" | "destroy" | "revert" | "events" | "logs" | "console"]
+            | [
+                "v1",
+                "sandboxes",
+                _,
+                "start" | "stop" | "destroy" | "revert" | "events" | "logs" | "console"
+            ]
     )
 }
 
@@ -160,10 +187,19 @@ fn events(m: &Arc<Manager>, req: &Request, id: Option<&str>) -> Result<Reply, Op
     let limit = number(req, "limit", 1000)?.min(MAX_LIMIT);
     let follow = flag(req, "follow");
     // Subscribe before reading history so nothing falls between the two.
-    let live = follow.then(|| m.bus().subscribe(Filter { vmid, console: false }));
+    let live = follow.then(|| {
+        m.bus().subscribe(Filter {
+            vmid,
+            console: false,
+        })
+    });
     let store = m.store();
     let history = match (req.query_param("tail"), req.query_param("after"), vmid) {
-        (Some(_), Some(_), _) => return Err(OpError::BadRequest("tail and after exclude each other".into())),
+        (Some(_), Some(_), _) => {
+            return Err(OpError::BadRequest(
+                "tail and after exclude each other".into(),
+            ))
+        }
         (_, Some(_), Some(v)) => store.events_for(v, number(req, "after", 0)? as u64, limit)?,
         (_, Some(_), None) => store.events_after(number(req, "after", 0)? as u64, limit)?,
         (_, None, Some(v)) => store.tail_for(v, number(req, "tail", 50)?.min(limit))?,
@@ -172,7 +208,10 @@ fn events(m: &Arc<Manager>, req: &Request, id: Option<&str>) -> Result<Reply, Op
     let after_event = history.last().map(|e| e.id).unwrap_or(0);
     match live {
         Some(live) => Ok(Reply::Stream {
-            history: history.iter().map(|e| json!(BusItem::Event(e.clone()))).collect(),
+            history: history
+                .iter()
+                .map(|e| json!(BusItem::Event(e.clone())))
+                .collect(),
             live,
             after_event,
         }),
@@ -185,7 +224,12 @@ fn logs(m: &Arc<Manager>, req: &Request, id: &str) -> Result<Reply, OpError> {
     let sb = m.find(id)?;
     let tail = number(req, "tail", 200)?.min(MAX_LIMIT);
     let follow = flag(req, "follow");
-    let live = follow.then(|| m.bus().subscribe(Filter { vmid: Some(sb.vmid), console: true }));
+    let live = follow.then(|| {
+        m.bus().subscribe(Filter {
+            vmid: Some(sb.vmid),
+            console: true,
+        })
+    });
     let events = m.store().tail_for(sb.vmid, tail)?;
     let console = m
         .backend()
@@ -193,7 +237,11 @@ fn logs(m: &Arc<Manager>, req: &Request, id: &str) -> Result<Reply, OpError> {
         .map(|p| crate::backend::qemu::console::read_tail(&p, tail))
         .unwrap_or_default();
     let mut items: Vec<BusItem> = events.iter().cloned().map(BusItem::Event).collect();
-    items.extend(console.into_iter().map(|(ts, line)| BusItem::Console { vmid: sb.vmid, ts, line }));
+    items.extend(console.into_iter().map(|(ts, line)| BusItem::Console {
+        vmid: sb.vmid,
+        ts,
+        line,
+    }));
     items.sort_by_key(|i| match i {
         BusItem::Event(e) => e.ts,
         BusItem::Console { ts, .. } => *ts,
@@ -202,7 +250,11 @@ fn logs(m: &Arc<Manager>, req: &Request, id: &str) -> Result<Reply, OpError> {
     let history: Vec<Value> = items[skip..].iter().map(|i| json!(i)).collect();
     let after_event = events.last().map(|e| e.id).unwrap_or(0);
     match live {
-        Some(live) => Ok(Reply::Stream { history, live, after_event }),
+        Some(live) => Ok(Reply::Stream {
+            history,
+            live,
+            after_event,
+        }),
         None => ok(200, &json!({"vmid": sb.vmid, "entries": history})),
     }
 }

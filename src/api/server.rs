@@ -55,7 +55,10 @@ impl Shutdown {
 enum Phase {
     Reading,
     Working,
-    Streaming { live: Receiver<BusItem>, after_event: u64 },
+    Streaming {
+        live: Receiver<BusItem>,
+        after_event: u64,
+    },
     Closing,
 }
 
@@ -99,11 +102,15 @@ impl Server {
         listener.set_nonblocking(true)?;
         let poll = Poll::new()?;
         let mut listener = UnixListener::from_std(listener);
-        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
         if let Some(sfd) = &signals {
             use std::os::fd::AsRawFd;
-            poll.registry()
-                .register(&mut SourceFd(&sfd.as_raw_fd()), SIGNALS, Interest::READABLE)?;
+            poll.registry().register(
+                &mut SourceFd(&sfd.as_raw_fd()),
+                SIGNALS,
+                Interest::READABLE,
+            )?;
         }
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         Ok(Server {
@@ -128,7 +135,12 @@ impl Server {
 
     /// Serves until shut down. `tick` runs about once a second on the loop
     /// thread and must not block (it should hand work to a thread).
-    pub fn run(mut self, manager: Arc<Manager>, socket_label: String, mut tick: impl FnMut()) -> io::Result<()> {
+    pub fn run(
+        mut self,
+        manager: Arc<Manager>,
+        socket_label: String,
+        mut tick: impl FnMut(),
+    ) -> io::Result<()> {
         let (done_tx, done_rx) = mpsc::channel::<Done>();
         let busy = Arc::new(AtomicUsize::new(0));
         let mut conns: HashMap<Token, Conn> = HashMap::new();
@@ -139,7 +151,10 @@ impl Server {
         let mut last_tick = Instant::now();
         let socket_label = Arc::new(socket_label);
         while !self.flag.load(Ordering::SeqCst) {
-            match self.poll.poll(&mut events, Some(Duration::from_millis(500))) {
+            match self
+                .poll
+                .poll(&mut events, Some(Duration::from_millis(500)))
+            {
                 Ok(()) => {}
                 // A signal interrupted the wait; nothing to do but wait again.
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -158,7 +173,9 @@ impl Server {
                         }
                     }
                     token => {
-                        let Some(conn) = conns.get_mut(&token) else { continue };
+                        let Some(conn) = conns.get_mut(&token) else {
+                            continue;
+                        };
                         if ev.is_readable() || ev.is_read_closed() {
                             read_some(conn);
                         }
@@ -222,7 +239,11 @@ impl Server {
                         continue;
                     }
                     let token = Token(*next);
-                    *next = if *next == usize::MAX { FIRST_CONN } else { *next + 1 };
+                    *next = if *next == usize::MAX {
+                        FIRST_CONN
+                    } else {
+                        *next + 1
+                    };
                     *serial += 1;
                     if self
                         .poll
@@ -336,7 +357,8 @@ fn advance(token: Token, conn: &mut Conn, ctx: &Ctx<'_>) {
             }
             Err(e) => {
                 crate::debug!("api: bad request: {}", e.message);
-                conn.wbuf.extend(Response::error(e.status, &e.message).encode(false));
+                conn.wbuf
+                    .extend(Response::error(e.status, &e.message).encode(false));
                 conn.rbuf.clear();
                 conn.phase = Phase::Closing;
             }
@@ -363,22 +385,25 @@ fn dispatch(token: Token, conn: &mut Conn, req: Request, ctx: &Ctx<'_>) {
         ctx.waker.clone(),
     );
     let serial = conn.serial;
-    let spawned = std::thread::Builder::new().name("api-worker".into()).spawn(move || {
-        crate::debug!("api: {} {}", req.method, req.path);
-        let reply = routes::handle(&manager, &req, &socket);
-        busy.fetch_sub(1, Ordering::SeqCst);
-        let _ = tx.send(Done {
-            token,
-            serial,
-            reply,
-            keep_alive,
+    let spawned = std::thread::Builder::new()
+        .name("api-worker".into())
+        .spawn(move || {
+            crate::debug!("api: {} {}", req.method, req.path);
+            let reply = routes::handle(&manager, &req, &socket);
+            busy.fetch_sub(1, Ordering::SeqCst);
+            let _ = tx.send(Done {
+                token,
+                serial,
+                reply,
+                keep_alive,
+            });
+            let _ = waker.wake();
         });
-        let _ = waker.wake();
-    });
     if spawned.is_err() {
         ctx.busy.fetch_sub(1, Ordering::SeqCst);
-        conn.wbuf
-            .extend(Response::error(503, "agentlabd cannot start a worker; retry shortly").encode(false));
+        conn.wbuf.extend(
+            Response::error(503, "agentlabd cannot start a worker; retry shortly").encode(false),
+        );
         conn.phase = Phase::Closing;
     }
 }
@@ -391,7 +416,11 @@ fn deliver(conn: &mut Conn, reply: Reply, keep_alive: bool) {
         Reply::Whole(resp) => {
             conn.wbuf.extend(resp.encode(keep_alive));
             conn.keep_alive = keep_alive;
-            conn.phase = if keep_alive { Phase::Reading } else { Phase::Closing };
+            conn.phase = if keep_alive {
+                Phase::Reading
+            } else {
+                Phase::Closing
+            };
         }
         Reply::Stream {
             history,
@@ -450,8 +479,9 @@ fn enforce_timeouts(conn: &mut Conn, now: Instant) {
         Phase::Reading => {
             if let Some(t) = conn.request_started {
                 if now.duration_since(t) > REQUEST_TIMEOUT {
-                    conn.wbuf
-                        .extend(Response::error(408, "request not complete within 10 s").encode(false));
+                    conn.wbuf.extend(
+                        Response::error(408, "request not complete within 10 s").encode(false),
+                    );
                     conn.rbuf.clear();
                     conn.phase = Phase::Closing;
                     flush(conn);

@@ -13,12 +13,16 @@ use crate::model::Event;
 use crate::time::Timestamp;
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
+#[serde(tag = "type", rename_all = "lowercase")]
 pub enum BusItem {
     /// A recorded event (it is also in the store).
     Event(Event),
     /// A line of a guest's serial console.
-    Console { vmid: u32, ts: Timestamp, line: String },
+    Console {
+        vmid: u32,
+        ts: Timestamp,
+        line: String,
+    },
 }
 
 impl BusItem {

@@ -181,7 +181,8 @@ impl Manager {
     }
 
     pub fn profiles(&self) -> Result<Profiles, OpError> {
-        Profiles::load(&self.cfg.profiles_dir).map_err(|e| OpError::BadRequest(crate::log::error_chain(&e)))
+        Profiles::load(&self.cfg.profiles_dir)
+            .map_err(|e| OpError::BadRequest(crate::log::error_chain(&e)))
     }
 
     // ---- create -------------------------------------------------------
@@ -193,8 +194,14 @@ impl Manager {
             .map_err(|e| OpError::BadRequest(crate::log::error_chain(&e)))?
             .clone();
         let ttl = match (&req.ttl, req.ttl_minutes) {
-            (Some(_), Some(_)) => return Err(OpError::BadRequest("give ttl or ttl_minutes, not both".into())),
-            (Some(t), None) => Some(parse_duration(t).map_err(|e| OpError::BadRequest(format!("--ttl: {e}")))?),
+            (Some(_), Some(_)) => {
+                return Err(OpError::BadRequest(
+                    "give ttl or ttl_minutes, not both".into(),
+                ))
+            }
+            (Some(t), None) => {
+                Some(parse_duration(t).map_err(|e| OpError::BadRequest(format!("--ttl: {e}")))?)
+            }
             (None, Some(m)) => Some(Duration::from_secs(m.saturating_mul(60))),
             (None, None) => profile
                 .behavior
@@ -209,7 +216,9 @@ impl Manager {
         if let Some(name) = &req.name {
             model::validate_name(name).map_err(OpError::BadRequest)?;
             if self.list(false)?.iter().any(|s| &s.name == name) {
-                return Err(OpError::Conflict(format!("a sandbox named {name:?} already exists")));
+                return Err(OpError::Conflict(format!(
+                    "a sandbox named {name:?} already exists"
+                )));
             }
         }
         let vmid = self.store.allocate_vmid()?;
@@ -259,7 +268,9 @@ impl Manager {
     fn provision_and_boot(&self, vmid: u32, profile: &Profile) {
         let l = self.lock_of(vmid);
         let _g = lock(&l);
-        let Ok(Some(mut sb)) = self.store.get(vmid) else { return };
+        let Ok(Some(mut sb)) = self.store.get(vmid) else {
+            return;
+        };
         if sb.state != State::Requested {
             return;
         }
@@ -275,13 +286,19 @@ impl Manager {
     fn provision_locked(&self, sb: &mut Sandbox, profile: &Profile) -> Result<(), OpError> {
         self.transition(sb, State::Provisioning, "provisioning")?;
         let started = Instant::now();
-        let mut progress = |line: &str| self.note(sb, "sandbox.progress", line, serde_json::Value::Null);
-        let made = self.backend.provision(&sb.clone(), profile, &mut progress)?;
+        let mut progress =
+            |line: &str| self.note(sb, "sandbox.progress", line, serde_json::Value::Null);
+        let made = self
+            .backend
+            .provision(&sb.clone(), profile, &mut progress)?;
         sb.disk = made.disk;
         sb.ready_on = made.ready_on;
         sb.updated_at = Timestamp::now();
         let data = json!({"duration_ms": started.elapsed().as_millis() as u64, "disk": sb.disk});
-        self.record(sb, EventDraft::new(Some(sb.vmid), "sandbox.provisioned", "disk ready").with_data(data))
+        self.record(
+            sb,
+            EventDraft::new(Some(sb.vmid), "sandbox.provisioned", "disk ready").with_data(data),
+        )
     }
 
     /// Starts the VM of a sandbox whose lock the caller holds.
@@ -292,9 +309,16 @@ impl Manager {
         sb.last_error = None;
         sb.updated_at = Timestamp::now();
         let msg = format!("hypervisor started (pid {}, {})", rt.pid, rt.accel);
-        self.record(sb, EventDraft::new(Some(sb.vmid), "sandbox.runtime", msg).with_data(json!(rt)))?;
+        self.record(
+            sb,
+            EventDraft::new(Some(sb.vmid), "sandbox.runtime", msg).with_data(json!(rt)),
+        )?;
         if sb.ready_on == "running" {
-            self.transition(sb, State::Ready, "ready (no readiness signal for this image: running counts)")?;
+            self.transition(
+                sb,
+                State::Ready,
+                "ready (no readiness signal for this image: running counts)",
+            )?;
         }
         Ok(())
     }
@@ -332,8 +356,13 @@ impl Manager {
             let sb = self.find(&vmid.to_string())?;
             let settled = matches!(
                 sb.state,
-                State::Ready | State::Running | State::Completed | State::Failed | State::Stopped
-                    | State::Timeout | State::Destroyed
+                State::Ready
+                    | State::Running
+                    | State::Completed
+                    | State::Failed
+                    | State::Stopped
+                    | State::Timeout
+                    | State::Destroyed
             );
             if settled {
                 return Ok(sb);
@@ -362,9 +391,11 @@ impl Manager {
             let mut sb = self.find(id)?;
             check_action(vmid, sb.state, Action::Start, false)?;
             if sb.disk.is_none() {
-                let profile: Profile = serde_json::from_value(sb.spec.clone())
-                    .map_err(|e| OpError::Host(format!("sandbox {vmid}: stored profile unreadable: {e}")))?;
-                self.provision_locked(&mut sb, &profile).inspect_err(|e| self.fail(&mut sb, &e.to_string()))?;
+                let profile: Profile = serde_json::from_value(sb.spec.clone()).map_err(|e| {
+                    OpError::Host(format!("sandbox {vmid}: stored profile unreadable: {e}"))
+                })?;
+                self.provision_locked(&mut sb, &profile)
+                    .inspect_err(|e| self.fail(&mut sb, &e.to_string()))?;
             }
             if let Err(e) = self.boot_locked(&mut sb) {
                 self.fail(&mut sb, &e.to_string());
@@ -400,7 +431,11 @@ impl Manager {
         self.expect_exit(vmid, false);
         r?;
         sb.runtime = None;
-        self.transition(&mut sb, State::Stopped, if force { "stopped (forced)" } else { "stopped" })?;
+        self.transition(
+            &mut sb,
+            State::Stopped,
+            if force { "stopped (forced)" } else { "stopped" },
+        )?;
         Ok(sb)
     }
 
@@ -432,7 +467,13 @@ impl Manager {
         self.transition(sb, State::Destroyed, msg)
     }
 
-    pub fn revert(&self, id: &str, force: bool, restart: Option<bool>, wait: bool) -> Result<RevertResponse, OpError> {
+    pub fn revert(
+        &self,
+        id: &str,
+        force: bool,
+        restart: Option<bool>,
+        wait: bool,
+    ) -> Result<RevertResponse, OpError> {
         let vmid = self.find(id)?.vmid;
         let (was_running, restarted) = {
             let l = self.lock_of(vmid);
@@ -449,8 +490,9 @@ impl Manager {
                 self.transition(&mut sb, State::Stopped, "stopped for revert")?;
             }
             if sb.disk.is_none() {
-                let profile: Profile = serde_json::from_value(sb.spec.clone())
-                    .map_err(|e| OpError::Host(format!("sandbox {vmid}: stored profile unreadable: {e}")))?;
+                let profile: Profile = serde_json::from_value(sb.spec.clone()).map_err(|e| {
+                    OpError::Host(format!("sandbox {vmid}: stored profile unreadable: {e}"))
+                })?;
                 self.provision_locked(&mut sb, &profile)?;
             } else {
                 let started = Instant::now();
@@ -493,7 +535,10 @@ impl Manager {
         let mut sb = self.find(id)?;
         check_action(vmid, sb.state, Action::RenewLease, false)?;
         if !sb.state.is_live() {
-            return Err(OpError::Conflict(format!("sandbox {vmid} is {}; its lease cannot be renewed", sb.state)));
+            return Err(OpError::Conflict(format!(
+                "sandbox {vmid} is {}; its lease cannot be renewed",
+                sb.state
+            )));
         }
         let at = Timestamp::now().plus(ttl);
         sb.lease_expires_at = Some(at);
@@ -501,8 +546,12 @@ impl Manager {
         sb.updated_at = Timestamp::now();
         self.record(
             &sb,
-            EventDraft::new(Some(vmid), "sandbox.lease", format!("lease renewed until {at}"))
-                .with_data(json!({"ttl_seconds": ttl.as_secs()})),
+            EventDraft::new(
+                Some(vmid),
+                "sandbox.lease",
+                format!("lease renewed until {at}"),
+            )
+            .with_data(json!({"ttl_seconds": ttl.as_secs()})),
         )?;
         Ok(RenewResponse {
             vmid,
@@ -514,7 +563,10 @@ impl Manager {
     pub fn console_input(&self, id: &str, data: &str) -> Result<(), OpError> {
         let sb = self.find(id)?;
         if !sb.state.vm_expected() {
-            return Err(OpError::Conflict(format!("sandbox {} is {}; start it first", sb.vmid, sb.state)));
+            return Err(OpError::Conflict(format!(
+                "sandbox {} is {}; start it first",
+                sb.vmid, sb.state
+            )));
         }
         self.backend.console_write(sb.vmid, data.as_bytes())?;
         Ok(())
@@ -531,12 +583,23 @@ impl Manager {
                     failed.push(crate::log::error_chain(&e));
                 }
             }
-            for sb in self.list(true)?.into_iter().filter(|s| s.state == State::Destroyed) {
+            for sb in self
+                .list(true)?
+                .into_iter()
+                .filter(|s| s.state == State::Destroyed)
+            {
                 self.store.remove(sb.vmid)?;
                 forgotten.push(sb.vmid);
             }
-            let msg = format!("pruned {} orphans, forgot {} destroyed sandboxes", orphans.len(), forgotten.len());
-            if let Ok(ev) = self.store.append_event(EventDraft::new(None, "daemon.prune", msg)) {
+            let msg = format!(
+                "pruned {} orphans, forgot {} destroyed sandboxes",
+                orphans.len(),
+                forgotten.len()
+            );
+            if let Ok(ev) = self
+                .store
+                .append_event(EventDraft::new(None, "daemon.prune", msg))
+            {
                 self.bus.publish(BusItem::Event(ev));
             }
         }
@@ -554,7 +617,10 @@ impl Manager {
         for s in &all {
             *counts.entry(s.state.as_str().to_string()).or_insert(0) += 1;
         }
-        let live: Vec<Sandbox> = all.into_iter().filter(|s| s.state != State::Destroyed).collect();
+        let live: Vec<Sandbox> = all
+            .into_iter()
+            .filter(|s| s.state != State::Destroyed)
+            .collect();
         Ok(StatusResponse {
             version: env!("CARGO_PKG_VERSION").to_string(),
             pid: std::process::id(),
@@ -581,14 +647,20 @@ impl Manager {
             VmEvent::Ready => {
                 let l = self.lock_of(vmid);
                 let _g = lock(&l);
-                let Ok(Some(mut sb)) = self.store.get(vmid) else { return };
+                let Ok(Some(mut sb)) = self.store.get(vmid) else {
+                    return;
+                };
                 if sb.state == State::Booting {
                     let ms = sb
                         .runtime
                         .as_ref()
                         .map(|r| Timestamp::now().millis() - r.started_at.millis())
                         .unwrap_or(0);
-                    let _ = self.transition(&mut sb, State::Ready, &format!("ready (guest up in {ms} ms)"));
+                    let _ = self.transition(
+                        &mut sb,
+                        State::Ready,
+                        &format!("ready (guest up in {ms} ms)"),
+                    );
                 }
             }
             VmEvent::Exited(info) => {
@@ -600,12 +672,19 @@ impl Manager {
                 if lock(&self.expecting_exit).contains(&vmid) {
                     return;
                 }
-                let Ok(Some(mut sb)) = self.store.get(vmid) else { return };
+                let Ok(Some(mut sb)) = self.store.get(vmid) else {
+                    return;
+                };
                 if !sb.state.vm_expected() {
                     return;
                 }
                 sb.runtime = None;
-                self.note(&sb, "sandbox.exit", &format!("hypervisor exited: {}", info.describe()), json!(info));
+                self.note(
+                    &sb,
+                    "sandbox.exit",
+                    &format!("hypervisor exited: {}", info.describe()),
+                    json!(info),
+                );
                 let r = if info.clean_guest_shutdown() {
                     self.transition(&mut sb, State::Stopped, "guest powered off")
                 } else {
@@ -644,13 +723,18 @@ impl Manager {
     fn expire(&self, vmid: u32) {
         let l = self.lock_of(vmid);
         let _g = lock(&l);
-        let Ok(Some(mut sb)) = self.store.get(vmid) else { return };
+        let Ok(Some(mut sb)) = self.store.get(vmid) else {
+            return;
+        };
         let now = Timestamp::now();
         if sb.state != State::Timeout {
             if !sb.lease_expired(now) {
                 return;
             }
-            if self.transition(&mut sb, State::Timeout, "lease expired").is_err() {
+            if self
+                .transition(&mut sb, State::Timeout, "lease expired")
+                .is_err()
+            {
                 return;
             }
         }
@@ -662,7 +746,9 @@ impl Manager {
     fn boot_timed_out(&self, vmid: u32) {
         let l = self.lock_of(vmid);
         let _g = lock(&l);
-        let Ok(Some(mut sb)) = self.store.get(vmid) else { return };
+        let Ok(Some(mut sb)) = self.store.get(vmid) else {
+            return;
+        };
         if sb.state != State::Booting {
             return;
         }

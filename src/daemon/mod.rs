@@ -69,8 +69,16 @@ pub struct Daemon {
 
 impl Daemon {
     /// Everything up to serving: dirs, lock, store, backend, reconcile, socket.
-    pub fn prepare(cfg: Config, signals: Option<nix::sys::signalfd::SignalFd>) -> Result<Daemon, DaemonError> {
-        for dir in [&cfg.data_dir, &cfg.sandboxes_dir, &cfg.images_dir, &cfg.run_dir] {
+    pub fn prepare(
+        cfg: Config,
+        signals: Option<nix::sys::signalfd::SignalFd>,
+    ) -> Result<Daemon, DaemonError> {
+        for dir in [
+            &cfg.data_dir,
+            &cfg.sandboxes_dir,
+            &cfg.images_dir,
+            &cfg.run_dir,
+        ] {
             mkdir(dir, 0o711)?;
         }
         if let Some(parent) = cfg.socket_path.parent() {
@@ -84,7 +92,10 @@ impl Daemon {
         let slot: Arc<Mutex<Weak<Manager>>> = Arc::new(Mutex::new(Weak::new()));
         let sink_slot = slot.clone();
         let sink: EventSink = Arc::new(move |vmid, ev| {
-            let m = sink_slot.lock().unwrap_or_else(|e| e.into_inner()).upgrade();
+            let m = sink_slot
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .upgrade();
             if let Some(m) = m {
                 m.on_vm_event(vmid, ev);
             }
@@ -125,10 +136,12 @@ impl Daemon {
                 return;
             }
             let (m, ticking) = (m.clone(), ticking.clone());
-            let _ = std::thread::Builder::new().name("tick".into()).spawn(move || {
-                m.tick();
-                ticking.store(false, Ordering::SeqCst);
-            });
+            let _ = std::thread::Builder::new()
+                .name("tick".into())
+                .spawn(move || {
+                    m.tick();
+                    ticking.store(false, Ordering::SeqCst);
+                });
         };
         let label = self.socket.display().to_string();
         let r = self.server.run(self.manager.clone(), label, tick);
@@ -159,8 +172,11 @@ fn block_signals() -> Result<nix::sys::signalfd::SignalFd, DaemonError> {
     // Blocked here, before any thread starts, so every thread inherits the
     // mask and the signals arrive only through the signalfd.
     set.thread_block().map_err(DaemonError::Signals)?;
-    nix::sys::signalfd::SignalFd::with_flags(&set, nix::sys::signalfd::SfdFlags::SFD_NONBLOCK | nix::sys::signalfd::SfdFlags::SFD_CLOEXEC)
-        .map_err(DaemonError::Signals)
+    nix::sys::signalfd::SignalFd::with_flags(
+        &set,
+        nix::sys::signalfd::SfdFlags::SFD_NONBLOCK | nix::sys::signalfd::SfdFlags::SFD_CLOEXEC,
+    )
+    .map_err(DaemonError::Signals)
 }
 
 fn mkdir(path: &Path, mode: u32) -> Result<(), DaemonError> {

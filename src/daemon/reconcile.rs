@@ -34,7 +34,11 @@ pub fn reconcile(m: &Manager) -> Report {
             State::Requested | State::Provisioning => {
                 sb.last_error = Some("interrupted: agentlabd stopped while provisioning".into());
                 sb.runtime = None;
-                let _ = m.transition(&mut sb, State::Failed, "provisioning interrupted by a daemon restart");
+                let _ = m.transition(
+                    &mut sb,
+                    State::Failed,
+                    "provisioning interrupted by a daemon restart",
+                );
                 report.interrupted.push(sb.vmid);
             }
             s if s.vm_expected() => match m.backend().adopt(&sb) {
@@ -55,7 +59,10 @@ pub fn reconcile(m: &Manager) -> Report {
                     report.vanished.push(sb.vmid);
                 }
                 Err(e) => {
-                    let why = format!("cannot re-attach after daemon restart: {}", crate::log::error_chain(&e));
+                    let why = format!(
+                        "cannot re-attach after daemon restart: {}",
+                        crate::log::error_chain(&e)
+                    );
                     crate::error!("sandbox {}: {why}", sb.vmid);
                     sb.runtime = None;
                     sb.last_error = Some(why.clone());
@@ -65,7 +72,15 @@ pub fn reconcile(m: &Manager) -> Report {
             },
             State::Stopped | State::Failed if sb.runtime.is_some() => {
                 sb.runtime = None;
-                let _ = m.store().write(&sb, None, EventDraft::new(Some(sb.vmid), "sandbox.reconcile", "cleared a stale runtime record"));
+                let _ = m.store().write(
+                    &sb,
+                    None,
+                    EventDraft::new(
+                        Some(sb.vmid),
+                        "sandbox.reconcile",
+                        "cleared a stale runtime record",
+                    ),
+                );
             }
             _ => {}
         }
@@ -81,7 +96,10 @@ pub fn reconcile(m: &Manager) -> Report {
         report.orphans
     );
     crate::info!("{msg}");
-    if let Ok(ev) = m.store().append_event(EventDraft::new(None, "daemon.start", msg)) {
+    if let Ok(ev) = m
+        .store()
+        .append_event(EventDraft::new(None, "daemon.start", msg))
+    {
         m.bus().publish(crate::daemon::bus::BusItem::Event(ev));
     }
     report
