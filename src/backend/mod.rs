@@ -23,7 +23,9 @@ use crate::model::{Disk, Runtime, Sandbox};
 #[derive(Clone, Debug, PartialEq)]
 pub enum VmEvent {
     /// The guest reported in (its ready line, or its agent answered).
-    Ready,
+    /// `pid` names the VM process, so a late report from a VM that has since
+    /// been replaced is recognised as stale.
+    Ready { pid: u32 },
     /// One line of the guest's console, as it was written.
     Console(String),
     /// The hypervisor process is gone.
@@ -32,6 +34,8 @@ pub enum VmEvent {
 
 #[derive(Clone, Debug, PartialEq, Default, Serialize)]
 pub struct ExitInfo {
+    /// The process that exited (a sandbox may have a newer one by now).
+    pub pid: u32,
     /// Exit status when the process was our child.
     pub code: Option<i32>,
     pub signal: Option<i32>,

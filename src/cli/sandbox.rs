@@ -218,13 +218,11 @@ pub fn run(g: &Global, c: SandboxCmd) -> Result<(), CliError> {
         Sub::List(c) => list(g, c),
         Sub::Show(c) => show(g, c),
         Sub::Start(c) => {
-            let cl = client(g)?;
-            let sb = cl.post(&path(&c.id, "start"), &json!({}))?;
-            let sb = if c.wait {
-                wait_ready(&cl, vmid_of(&sb)?, c.json)?
-            } else {
-                sb
-            };
+            // The daemon waits server-side: no window between reply and watch.
+            let sb = client(g)?.post(&path(&c.id, "start"), &json!({ "wait": c.wait }))?;
+            if c.wait {
+                settled_ok(&sb)?;
+            }
             print_state(&sb, c.json)
         }
         Sub::Stop(c) => {
@@ -308,8 +306,8 @@ fn strip_nulls(mut v: Value) -> Value {
     v
 }
 
-/// Follows the sandbox's events until it is READY (Ok) or cannot get there.
-/// Progress goes to stderr when stderr is a terminal.
+/// Follows a new sandbox's events from its first until it is READY (Ok) or
+/// cannot get there. Progress goes to stderr when stderr is a terminal.
 fn wait_ready(cl: &Client, vmid: u32, quiet: bool) -> Result<Value, CliError> {
     let started = std::time::Instant::now();
     let mut last_state = None;
@@ -339,8 +337,15 @@ fn wait_ready(cl: &Client, vmid: u32, quiet: bool) -> Result<Value, CliError> {
         },
     )?;
     let sb = cl.get(&format!("/v1/sandboxes/{vmid}"))?;
+    settled_ok(&sb)?;
+    Ok(sb)
+}
+
+/// A sandbox that settled READY (or busier) is fine; anything else is why.
+fn settled_ok(sb: &Value) -> Result<(), CliError> {
+    let vmid = &sb["vmid"];
     match State::parse(sb["state"].as_str().unwrap_or("")) {
-        Some(State::Ready | State::Running | State::Completed) => Ok(sb),
+        Some(State::Ready | State::Running | State::Completed) => Ok(()),
         Some(state) => Err(CliError::Host(format!(
             "sandbox {vmid} is {state}{}; see `agentlab logs {vmid}`",
             sb["last_error"]
@@ -482,21 +487,15 @@ fn revert(g: &Global, c: RevertCmd) -> Result<(), CliError> {
         (_, true) => Some(false),
         _ => None,
     };
-    let cl = client(g)?;
-    let mut body = json!({ "force": c.force });
+    let mut body = json!({ "force": c.force, "wait": c.wait });
     if let Some(r) = restart {
         body["restart"] = json!(r);
     }
-    let r = cl.post(&path(&c.id, "revert"), &body)?;
+    let r = client(g)?.post(&path(&c.id, "revert"), &body)?;
     let vmid = vmid_of(&r["sandbox"])?;
-    let r = if c.wait && r["restarted"] == true {
-        let sb = wait_ready(&cl, vmid, c.json)?;
-        let mut r = r;
-        r["sandbox"] = sb;
-        r
-    } else {
-        r
-    };
+    if c.wait && r["restarted"] == true {
+        settled_ok(&r["sandbox"])?;
+    }
     if c.json {
         return output::print_json(&r);
     }

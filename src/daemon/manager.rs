@@ -5,12 +5,14 @@
 //! backend to do the work, and records the new state with its event in one
 //! store write. Backends report what happens on their own (ready line, guest
 //! poweroff, crash) through [`Manager::on_vm_event`], which takes the same
-//! lock; an exit the manager itself caused is expected and not a crash.
+//! lock; every report names the VM process it came from, so an exit the
+//! manager itself caused (the runtime is already cleared or replaced) is
+//! not mistaken for a crash.
 //!
 //! Leases and boot deadlines are enforced by [`Manager::tick`]; what survives
 //! a daemon restart is sorted out by `daemon::reconcile`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -75,8 +77,6 @@ pub struct Manager {
     backend: Arc<dyn Backend>,
     bus: Bus,
     locks: Mutex<HashMap<u32, Arc<Mutex<()>>>>,
-    /// Sandboxes whose VM an operation is stopping on purpose.
-    expecting_exit: Mutex<HashSet<u32>>,
     /// Bumped on every record change; waiters sleep on it.
     changed: (Mutex<u64>, Condvar),
     started_at: Timestamp,
@@ -91,7 +91,6 @@ impl Manager {
             backend,
             bus,
             locks: Mutex::new(HashMap::new()),
-            expecting_exit: Mutex::new(HashSet::new()),
             changed: (Mutex::new(0), Condvar::new()),
             started_at: Timestamp::now(),
             started: Instant::now(),
@@ -326,24 +325,13 @@ impl Manager {
     fn fail(&self, sb: &mut Sandbox, why: &str) {
         crate::error!("sandbox {}: {why}", sb.vmid);
         // Whatever half-started must not keep running behind a FAILED record.
-        self.expect_exit(sb.vmid, true);
         if let Err(e) = self.backend.stop(sb, StopMode::Hard) {
             crate::warn!("sandbox {}: cleanup after failure: {e}", sb.vmid);
         }
-        self.expect_exit(sb.vmid, false);
         sb.runtime = None;
         sb.last_error = Some(why.to_string());
         if let Err(e) = self.transition(sb, State::Failed, why) {
             crate::error!("sandbox {}: cannot record failure: {e}", sb.vmid);
-        }
-    }
-
-    fn expect_exit(&self, vmid: u32, on: bool) {
-        let mut set = lock(&self.expecting_exit);
-        if on {
-            set.insert(vmid);
-        } else {
-            set.remove(&vmid);
         }
     }
 
@@ -426,9 +414,7 @@ impl Manager {
                 grace: self.cfg.stop_timeout,
             }
         };
-        self.expect_exit(vmid, true);
         let r = self.backend.stop(&sb, mode);
-        self.expect_exit(vmid, false);
         r?;
         sb.runtime = None;
         self.transition(
@@ -450,9 +436,7 @@ impl Manager {
     }
 
     fn destroy_locked(&self, sb: &mut Sandbox, force: bool, msg: &str) -> Result<(), OpError> {
-        self.expect_exit(sb.vmid, true);
         let r = self.backend.destroy(sb);
-        self.expect_exit(sb.vmid, false);
         match r {
             Ok(()) => {}
             Err(e) if force => {
@@ -482,9 +466,7 @@ impl Manager {
             check_action(vmid, sb.state, Action::Revert, force)?;
             let was_running = sb.state.vm_expected();
             if was_running {
-                self.expect_exit(vmid, true);
                 let r = self.backend.stop(&sb, StopMode::Hard);
-                self.expect_exit(vmid, false);
                 r?;
                 sb.runtime = None;
                 self.transition(&mut sb, State::Stopped, "stopped for revert")?;
@@ -644,13 +626,13 @@ impl Manager {
                 ts: Timestamp::now(),
                 line,
             }),
-            VmEvent::Ready => {
+            VmEvent::Ready { pid } => {
                 let l = self.lock_of(vmid);
                 let _g = lock(&l);
                 let Ok(Some(mut sb)) = self.store.get(vmid) else {
                     return;
                 };
-                if sb.state == State::Booting {
+                if sb.state == State::Booting && current_pid(&sb) == Some(pid) {
                     let ms = sb
                         .runtime
                         .as_ref()
@@ -664,18 +646,14 @@ impl Manager {
                 }
             }
             VmEvent::Exited(info) => {
-                if lock(&self.expecting_exit).contains(&vmid) {
-                    return;
-                }
                 let l = self.lock_of(vmid);
                 let _g = lock(&l);
-                if lock(&self.expecting_exit).contains(&vmid) {
-                    return;
-                }
                 let Ok(Some(mut sb)) = self.store.get(vmid) else {
                     return;
                 };
-                if !sb.state.vm_expected() {
+                // An exit an operation caused (stop, revert, destroy) finds the
+                // runtime already cleared or replaced by then: not news.
+                if !sb.state.vm_expected() || current_pid(&sb) != Some(info.pid) {
                     return;
                 }
                 sb.runtime = None;
@@ -758,6 +736,10 @@ impl Manager {
         );
         self.fail(&mut sb, &why);
     }
+}
+
+fn current_pid(sb: &Sandbox) -> Option<u32> {
+    sb.runtime.as_ref().map(|r| r.pid)
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

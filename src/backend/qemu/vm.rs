@@ -233,10 +233,10 @@ impl Vm {
         *lock(&self.console_in) = stream.try_clone().ok();
         let marker = ready_on.strip_prefix("console:").map(str::to_string);
         let mut log = ConsoleLog::open(&paths.console_log, max);
-        let (vmid, shared) = (self.vmid, self.shared.clone());
+        let (vmid, pid, shared) = (self.vmid, self.pid, self.shared.clone());
         std::thread::Builder::new()
             .name(format!("console-{vmid}"))
-            .spawn(move || console_loop(stream, vmid, marker, &mut log, &shared, &sink))
+            .spawn(move || console_loop(stream, (vmid, pid), marker, &mut log, &shared, &sink))
             .ok()
     }
 
@@ -261,6 +261,7 @@ impl Vm {
                     let (m, cv) = &*vm.shared;
                     let mut s = lock(m);
                     let info = ExitInfo {
+                        pid: vm.pid,
                         code,
                         signal,
                         reason: s.shutdown_reason.clone(),
@@ -380,7 +381,7 @@ impl LaunchError {
 
 fn console_loop(
     mut stream: UnixStream,
-    vmid: u32,
+    (vmid, pid): (u32, u32),
     marker: Option<String>,
     log: &mut ConsoleLog,
     shared: &Arc<(Mutex<Shared>, Condvar)>,
@@ -405,7 +406,7 @@ fn console_loop(
             sink(vmid, VmEvent::Console(line));
             if is_ready && !ready_sent {
                 ready_sent = true;
-                sink(vmid, VmEvent::Ready);
+                sink(vmid, VmEvent::Ready { pid });
             }
         }
     }
