@@ -166,9 +166,11 @@ mod tests {
 
     #[test]
     fn pidfd_sees_a_detached_process_exit() {
-        let child = spawn_detached(Command::new("sleep").arg("0.2")).unwrap();
+        let mut child = spawn_detached(Command::new("sleep").arg("0.2")).unwrap();
         let fd = PidFd::open(child.id()).unwrap();
-        assert!(fd.wait_exit(Duration::from_secs(5)));
+        let exited = fd.wait_exit(Duration::from_secs(5));
+        child.wait().unwrap();
+        assert!(exited);
     }
 
     #[test]
