@@ -1,11 +1,13 @@
 //! Base images: what a sandbox's disk and boot files come from.
 //!
+//! - `manifest`: `image.json`, what an image holds and how it boots
 //! - `kernel`: which host kernel the default guest boots, and its modules
 //! - `cpio`: the newc archive writer (the initramfs format)
 //! - `kmod`: the kernel module dependency closure, from `modules.dep`
 //! - `elf`: tells a static x86-64 program from a dynamic one
 
-pub mod kernel;
 pub mod cpio;
-pub mod kmod;
 pub mod elf;
+pub mod kernel;
+pub mod kmod;
+pub mod manifest;
