@@ -121,8 +121,10 @@ impl<W: Write> CpioWriter<W> {
         };
         let mut file = File::open(src).map_err(read_err)?;
         let size = file.metadata().map_err(read_err)?.len();
+        // Errors about the source name the host file, not the archive entry.
         self.add_file_from_reader(path, mode, size, &mut file)
             .map_err(|err| match err {
+                CpioError::ReadSource { source, .. } => read_err(source),
                 CpioError::SourceChanged { expected, read, .. } => CpioError::SourceChanged {
                     path: src.to_path_buf(),
                     expected,
@@ -155,13 +157,12 @@ impl<W: Write> CpioWriter<W> {
             rdev_major: 0,
             rdev_minor: 0,
         })?;
-        let copied = io::copy(&mut reader.take(size), &mut self.out).map_err(|source| {
-            CpioError::ReadSource {
-                path: PathBuf::from(name),
-                source,
-            }
-        })?;
-        self.written += copied;
+        let copied =
+            self.copy_from(&mut reader.take(size))
+                .map_err(|source| CpioError::ReadSource {
+                    path: PathBuf::from(name),
+                    source,
+                })??;
         if copied != size {
             return Err(CpioError::SourceChanged {
                 path: PathBuf::from(name),
@@ -238,6 +239,26 @@ impl<W: Write> CpioWriter<W> {
         })?;
         self.write(data)?;
         self.pad_to(4)
+    }
+
+    /// Copies `reader` to the archive until it ends. The outer error is the
+    /// reader's, the inner one the archive's (io::copy would not tell them apart).
+    fn copy_from(&mut self, reader: &mut dyn Read) -> io::Result<Result<u64, CpioError>> {
+        let mut buf = vec![0u8; 64 << 10];
+        let mut copied = 0;
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => return Ok(Ok(copied)),
+                Ok(n) => n,
+                // A signal arrived before anything was read: read again.
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if let Err(e) = self.write(&buf[..n]) {
+                return Ok(Err(e));
+            }
+            copied += n as u64;
+        }
     }
 
     fn take_ino(&mut self) -> u32 {
@@ -446,6 +467,21 @@ mod tests {
             .add_file_from_reader("f", 0o644, 10, &mut &b"abc"[..])
             .unwrap_err();
         assert!(matches!(err, CpioError::SourceChanged { read: 3, .. }));
+    }
+
+    #[test]
+    fn failing_source_is_a_read_error_not_a_write_error() {
+        struct Broken;
+        impl Read for Broken {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(io::Error::other("disk on fire"))
+            }
+        }
+        let mut w = CpioWriter::new(Vec::new());
+        let err = w
+            .add_file_from_reader("x", 0o644, 3, &mut Broken)
+            .unwrap_err();
+        assert_eq!(err.to_string(), "cannot read x");
     }
 
     #[test]
