@@ -93,13 +93,8 @@ fn route(m: &Arc<Manager>, req: &Request, socket: &str) -> Result<Reply, OpError
         ("GET", ["v1", "images"]) => ok(200, &json!({"images": m.backend().images()})),
         ("POST", ["v1", "images", "default", "build"]) => {
             let r: BuildImageRequest = body(req)?;
-            let mut lines = Vec::new();
-            m.backend()
-                .build_default_image(r.force, &mut |l| lines.push(l.to_string()))?;
-            ok(
-                200,
-                &json!({"built": true, "progress": lines, "images": m.backend().images()}),
-            )
+            let lines = m.build_default_image(r.force)?;
+            ok(200, &json!({"built": true, "progress": lines, "images": m.backend().images()}))
         }
         ("GET", ["v1", "sandboxes"]) => ok(200, &json!({"sandboxes": m.list(flag(req, "all"))?})),
         ("POST", ["v1", "sandboxes"]) => {

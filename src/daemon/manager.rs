@@ -542,6 +542,29 @@ impl Manager {
         })
     }
 
+    /// Builds the default guest; a rebuild would swap the base under live
+    /// overlays, so `force` is refused while any sandbox uses the image.
+    pub fn build_default_image(&self, force: bool) -> Result<Vec<String>, OpError> {
+        if force {
+            let users: Vec<String> = self
+                .list(false)?
+                .iter()
+                .filter(|s| s.disk.as_ref().is_some_and(|d| d.image == crate::image::store::DEFAULT_IMAGE))
+                .map(|s| s.vmid.to_string())
+                .collect();
+            if !users.is_empty() {
+                return Err(OpError::Conflict(format!(
+                    "sandboxes {} use the default image; destroy them before rebuilding it",
+                    users.join(", ")
+                )));
+            }
+        }
+        let mut lines = Vec::new();
+        self.backend
+            .build_default_image(force, &mut |l| lines.push(l.to_string()))?;
+        Ok(lines)
+    }
+
     pub fn console_input(&self, id: &str, data: &str) -> Result<(), OpError> {
         let sb = self.find(id)?;
         if !sb.state.vm_expected() {

@@ -79,7 +79,7 @@ pub enum ImageError {
         name: String,
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: crate::image::manifest::ManifestError,
     },
     #[error("image {name:?}: {path} is missing")]
     MissingFile { name: String, path: PathBuf },

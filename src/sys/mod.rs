@@ -4,6 +4,7 @@
 //! Everything outside `sys` is `unsafe`-free; each `unsafe` block here says
 //! why it is sound in a `// SAFETY:` comment.
 
+pub mod ext4;
 pub mod kvm;
 pub mod process;
 pub mod users;

@@ -95,8 +95,8 @@ impl QemuBackend {
             images_dir: self.images_dir.clone(),
             kernel: self.kernel.clone(),
             agent_binary,
-            busybox: PathBuf::from("/bin/busybox"),
-            disk_size: 2 << 30,
+            busybox: PathBuf::from(default_guest::DEFAULT_BUSYBOX),
+            disk_size: default_guest::DEFAULT_DISK_SIZE,
             force,
         };
         default_guest::build(&opts, progress)
