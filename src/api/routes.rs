@@ -94,7 +94,10 @@ fn route(m: &Arc<Manager>, req: &Request, socket: &str) -> Result<Reply, OpError
         ("POST", ["v1", "images", "default", "build"]) => {
             let r: BuildImageRequest = body(req)?;
             let lines = m.build_default_image(r.force)?;
-            ok(200, &json!({"built": true, "progress": lines, "images": m.backend().images()}))
+            ok(
+                200,
+                &json!({"built": true, "progress": lines, "images": m.backend().images()}),
+            )
         }
         ("GET", ["v1", "sandboxes"]) => ok(200, &json!({"sandboxes": m.list(flag(req, "all"))?})),
         ("POST", ["v1", "sandboxes"]) => {
@@ -146,10 +149,9 @@ fn route(m: &Arc<Manager>, req: &Request, socket: &str) -> Result<Reply, OpError
         ("GET", ["v1", "sandboxes", id, "events"]) => events(m, req, Some(id)),
         ("GET", ["v1", "sandboxes", id, "logs"]) => logs(m, req, id),
         ("GET", ["v1", "events"]) => events(m, req, None),
-        (_, ["healthz"] | ["v1", ..]) if known_path(&seg) => Err(OpError::BadRequest(format!(
-            "method {method} is not allowed on {}",
-            req.path
-        ))),
+        (_, ["healthz"] | ["v1", ..]) if known_path(&seg) => Err(OpError::MethodNotAllowed(
+            format!("method {method} is not allowed on {}", req.path),
+        )),
         _ => Err(OpError::NotFound(format!(
             "no such route: {method} {}",
             req.path
@@ -157,7 +159,7 @@ fn route(m: &Arc<Manager>, req: &Request, socket: &str) -> Result<Reply, OpError
     }
 }
 
-/// Paths that exist for some method (so a wrong method is a 400, not a 404).
+/// Paths that exist for some method (so a wrong method is a 405, not a 404).
 fn known_path(seg: &[&str]) -> bool {
     matches!(
         seg,

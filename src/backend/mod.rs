@@ -181,6 +181,12 @@ pub trait Backend: Send + Sync {
         progress: &mut dyn FnMut(&str),
     ) -> Result<Provisioned, BackendError>;
 
+    /// Checks, before anything is recorded, that `profile` can be provisioned
+    /// here (its image exists and is sound). Cheap; no side effects.
+    fn check_profile(&self, _profile: &Profile) -> Result<(), BackendError> {
+        Ok(())
+    }
+
     /// Starts the VM; returns once the process runs and is monitored.
     fn start(&self, sb: &Sandbox) -> Result<Runtime, BackendError>;
 

@@ -70,7 +70,7 @@ fn print_entry(e: &Value, json: bool) -> Result<(), CliError> {
                 _ => String::new(),
             };
             format!(
-                "{ts}  {:<17}{}{state}",
+                "{ts}  {:<19} {}{state}",
                 e["kind"].as_str().unwrap_or("event"),
                 e["msg"].as_str().unwrap_or("")
             )

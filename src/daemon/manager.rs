@@ -40,6 +40,8 @@ pub enum OpError {
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
+    MethodNotAllowed(String),
+    #[error("{0}")]
     Host(String),
 }
 
@@ -49,6 +51,7 @@ impl OpError {
             OpError::NotFound(_) => 404,
             OpError::BadRequest(_) => 400,
             OpError::WrongState(_) | OpError::Conflict(_) => 409,
+            OpError::MethodNotAllowed(_) => 405,
             OpError::Host(_) => 500,
         }
     }
@@ -220,6 +223,7 @@ impl Manager {
                 )));
             }
         }
+        self.backend.check_profile(&profile)?;
         let vmid = self.store.allocate_vmid()?;
         let now = Timestamp::now();
         let sb = Sandbox {
@@ -549,7 +553,11 @@ impl Manager {
             let users: Vec<String> = self
                 .list(false)?
                 .iter()
-                .filter(|s| s.disk.as_ref().is_some_and(|d| d.image == crate::image::store::DEFAULT_IMAGE))
+                .filter(|s| {
+                    s.disk
+                        .as_ref()
+                        .is_some_and(|d| d.image == crate::image::store::DEFAULT_IMAGE)
+                })
                 .map(|s| s.vmid.to_string())
                 .collect();
             if !users.is_empty() {

@@ -72,7 +72,11 @@ impl Env {
             if let Some(st) = self.daemon.as_mut().unwrap().try_wait().unwrap() {
                 panic!("daemon exited ({st}): {}", self.daemon_log());
             }
-            assert!(Instant::now() < deadline, "daemon did not listen: {}", self.daemon_log());
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not listen: {}",
+                self.daemon_log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -127,14 +131,20 @@ impl Env {
     }
 
     pub fn state(&self, vmid: u32) -> String {
-        self.sandbox(vmid)["state"].as_str().unwrap_or("").to_string()
+        self.sandbox(vmid)["state"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
     }
 
     /// Creates a sandbox and waits for READY; returns its VMID.
     pub fn new_ready(&self, extra: &[&str]) -> u32 {
         let mut args = vec!["sandbox", "new", "--wait"];
         args.extend_from_slice(extra);
-        self.ok(&args).trim().parse().expect("sandbox new prints a vmid")
+        self.ok(&args)
+            .trim()
+            .parse()
+            .expect("sandbox new prints a vmid")
     }
 
     pub fn wait_state(&self, vmid: u32, want: &str, timeout: Duration) -> bool {
@@ -153,11 +163,19 @@ impl Env {
     pub fn console(&self, vmid: u32, cmd: &str, needle: &str, timeout: Duration) -> bool {
         let since = self.console_lines(vmid).len();
         self.api()
-            .post(&format!("/v1/sandboxes/{vmid}/console"), &json!({ "data": format!("{cmd}\n") }))
+            .post(
+                &format!("/v1/sandboxes/{vmid}/console"),
+                &json!({ "data": format!("{cmd}\n") }),
+            )
             .unwrap();
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if self.console_lines(vmid).iter().skip(since).any(|l| l.contains(needle)) {
+            if self
+                .console_lines(vmid)
+                .iter()
+                .skip(since)
+                .any(|l| l.contains(needle))
+            {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -180,7 +198,9 @@ impl Env {
     }
 
     pub fn qemu_pid(&self, vmid: u32) -> Option<u32> {
-        self.sandbox(vmid)["runtime"]["pid"].as_u64().map(|p| p as u32)
+        self.sandbox(vmid)["runtime"]["pid"]
+            .as_u64()
+            .map(|p| p as u32)
     }
 
     /// QEMU processes started for this installation.
@@ -194,13 +214,18 @@ pub fn processes_mentioning(dir: &Path, exe: &str) -> Vec<u32> {
     let needle = dir.display().to_string();
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
         let args: Vec<String> = raw
             .split(|&b| b == 0)
             .map(|s| String::from_utf8_lossy(s).into_owned())
             .collect();
-        if args.first().is_some_and(|a| a.contains(exe)) && args.iter().any(|a| a.contains(&needle)) {
+        if args.first().is_some_and(|a| a.contains(exe)) && args.iter().any(|a| a.contains(&needle))
+        {
             out.push(pid);
         }
     }
@@ -221,7 +246,11 @@ impl Drop for Env {
         while !self.qemu_processes().is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = Command::new("umount").arg("-l").arg(self.dir.join("data/sandboxes")).stderr(Stdio::null()).status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.join("data/sandboxes"))
+            .stderr(Stdio::null())
+            .status();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

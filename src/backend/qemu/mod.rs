@@ -283,6 +283,17 @@ impl Backend for QemuBackend {
         }
     }
 
+    fn check_profile(&self, profile: &Profile) -> Result<(), BackendError> {
+        // The default guest is built on first use; anything else must exist.
+        if profile.image == DEFAULT_IMAGE && !self.images.has_manifest(DEFAULT_IMAGE) {
+            return Ok(());
+        }
+        self.images
+            .resolve(&profile.image)
+            .map(|_| ())
+            .map_err(image_error)
+    }
+
     fn provision(
         &self,
         sb: &Sandbox,
