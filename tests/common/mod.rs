@@ -265,3 +265,15 @@ pub fn stderr(o: &Output) -> String {
 
 pub const BOOT: Duration = Duration::from_secs(120);
 pub const SHORT: Duration = Duration::from_secs(30);
+
+/// True once the process has exited (a zombie awaiting its reaper counts:
+/// a QEMU adopted after a daemon restart is reaped by init, not by us).
+pub fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X"),
+    }
+}
