@@ -363,7 +363,17 @@ impl Backend for QemuBackend {
         }
         let spec = self.launch_spec(sb, &image, &version)?;
         let run_dir = spec.paths.run_dir.clone();
-        let vm = Vm::launch(spec, self.sink.clone())?;
+        let vm = Vm::launch(spec, self.sink.clone()).map_err(|e| match (self.accel, e) {
+            // Nested or quirky KVM hosts can make QEMU abort where TCG works.
+            (AccelKind::Kvm, BackendError::Host { msg, source }) => BackendError::Host {
+                msg: format!(
+                    "{msg}; if KVM misbehaves on this host (nested virtualisation), \
+                     set `accel: tcg` in config.yaml or AGENTLAB_ACCEL=tcg"
+                ),
+                source,
+            },
+            (_, e) => e,
+        })?;
         let runtime = Runtime {
             pid: vm.pid,
             pid_start_ticks: process::start_ticks(vm.pid).unwrap_or(0),

@@ -114,6 +114,12 @@ impl Vm {
         let qmp = match wait_for_qmp(&spec, &mut child, &shared) {
             Ok(q) => q,
             Err(e) => {
+                // A QEMU that aborts mid-handshake resets the socket first and
+                // exits a moment later: report the exit, which says more.
+                let e = match exited_soon(&mut child, Duration::from_secs(2)) {
+                    Some(st) => LaunchError::Exited(st),
+                    None => e,
+                };
                 let _ = child.kill();
                 let _ = child.wait();
                 let tail = read_tail(&spec.paths.qemu_log, log_offset);
@@ -326,6 +332,19 @@ fn wait_for_qmp(
             return Err(LaunchError::NoSocket(QMP_APPEAR_TIMEOUT));
         }
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn exited_soon(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Some(st);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

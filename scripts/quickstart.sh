@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# agentlab quick start for a fresh Debian 12 / Ubuntu 22.04+ host, as root:
+# installs the packages, builds and installs the static binary, boots a
+# sandbox, runs a command in it, shows the output, and destroys it.
+#
+#   sudo scripts/quickstart.sh            # KEEP=1 leaves the sandbox running
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "quickstart: run as root (agentlab manages VMs and /var/lib/agentlab)" >&2
+    exit 2
+fi
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "installing packages"
+packages=(qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static e2fsprogs
+          nftables iproute2 curl build-essential)
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${packages[@]}" \
+    || for p in "${packages[@]}"; do apt-get install -y -qq --no-install-recommends "$p"; done
+
+if ! command -v cargo >/dev/null 2>&1; then
+    [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+    step "installing the Rust toolchain (rustup, minimal profile)"
+    curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
+    . "$HOME/.cargo/env"
+fi
+
+step "building agentlab (one static binary)"
+cargo build --release --locked
+install -m 0755 target/x86_64-unknown-linux-gnu/release/agentlab /usr/local/bin/agentlab
+ldd /usr/local/bin/agentlab || true
+
+step "creating a sandbox (the first one builds the default guest image)"
+vmid=$(agentlab sandbox new --wait --ttl 30m)
+agentlab sandbox show "$vmid"
+
+step "running a command in sandbox $vmid (through its serial console)"
+sock=$(agentlab status --json | sed -n 's/.*"socket": "\(.*\)".*/\1/p')
+marker="quickstart-done-$$"
+curl -s --unix-socket "$sock" "http://agentlab/v1/sandboxes/$vmid/console" \
+    -d "{\"data\":\"uname -a; df -h /; echo $marker\\n\"}" >/dev/null
+for _ in $(seq 1 100); do
+    agentlab logs "$vmid" --tail 20 | grep -q "console | $marker" && break
+    sleep 0.2
+done
+agentlab logs "$vmid" --tail 20 | sed -n '/console | .*# uname/,/console | '"$marker"'/p'
+
+if [ "${KEEP:-0}" = 1 ]; then
+    step "sandbox $vmid keeps running (lease 30m); destroy it with: agentlab sandbox destroy $vmid"
+else
+    step "destroying sandbox $vmid"
+    agentlab sandbox destroy "$vmid"
+fi
