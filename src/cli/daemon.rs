@@ -30,6 +30,9 @@ pub struct DaemonCmd {
     /// with --install: write the unit but do not run systemctl
     #[argh(switch)]
     no_enable: bool,
+    /// with --install: print what was done as JSON
+    #[argh(switch)]
+    json: bool,
 }
 
 pub fn run(g: &Global, c: DaemonCmd) -> Result<(), CliError> {
@@ -42,7 +45,7 @@ pub fn run(g: &Global, c: DaemonCmd) -> Result<(), CliError> {
         cfg.socket_path = s;
     }
     if c.install {
-        return install(g, &c.unit_dir, c.no_enable);
+        return install(g, &c.unit_dir, c.no_enable, c.json);
     }
     crate::log::init_from_env();
     crate::daemon::run(cfg).map_err(|e| {
@@ -83,16 +86,27 @@ WantedBy=multi-user.target\n"
     )
 }
 
-fn install(g: &Global, unit_dir: &Path, no_enable: bool) -> Result<(), CliError> {
+fn install(g: &Global, unit_dir: &Path, no_enable: bool, json: bool) -> Result<(), CliError> {
     let exe = std::env::current_exe()
         .map_err(|e| CliError::Host(format!("cannot find my own binary: {e}")))?;
     let path = unit_dir.join("agentlabd.service");
     std::fs::create_dir_all(unit_dir)
         .and_then(|()| std::fs::write(&path, unit_text(&exe, g)))
         .map_err(|e| CliError::Host(format!("cannot write {}: {e}", path.display())))?;
-    output::line(&format!("wrote {}", path.display()))?;
+    let report = |enabled: bool| -> Result<(), CliError> {
+        if json {
+            output::print_json(&serde_json::json!({ "unit": path, "enabled": enabled }))
+        } else if enabled {
+            output::line(&format!(
+                "wrote {}; agentlabd.service enabled and started",
+                path.display()
+            ))
+        } else {
+            output::line(&format!("wrote {}", path.display()))
+        }
+    };
     if no_enable {
-        return Ok(());
+        return report(false);
     }
     for args in [
         &["daemon-reload"][..],
@@ -111,7 +125,7 @@ fn install(g: &Global, unit_dir: &Path, no_enable: bool) -> Result<(), CliError>
             )));
         }
     }
-    output::line("agentlabd.service enabled and started")
+    report(true)
 }
 
 #[cfg(test)]
