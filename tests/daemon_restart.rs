@@ -3,8 +3,8 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use common::{stderr, Env, SHORT};
 
@@ -66,26 +66,7 @@ fn orphan_qemu_and_files_are_listed_then_pruned() {
     std::fs::create_dir_all(&run).unwrap();
     std::fs::create_dir_all(env.path("data/sandboxes/4242")).unwrap();
     let qmp = run.join("qmp.sock");
-    let mut q = Command::new("qemu-system-x86_64")
-        .args([
-            "-machine",
-            "none",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-S",
-            "-qmp",
-        ])
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + SHORT;
-    while !qmp.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut q = common::spawn_bare_qemu(&qmp);
     let status = env.ok(&["status", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&status).unwrap();
     let orphans = v["orphans"].as_array().unwrap();

@@ -1,9 +1,11 @@
 //! The QMP client against a real `qemu-system-x86_64 -machine none`.
 
+mod common;
+
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use agentlab::qmp::{ErrorClass, Notice, Qmp, QmpError};
 use serde_json::json;
@@ -19,32 +21,7 @@ impl BareQemu {
         let dir = std::env::temp_dir().join(format!("agentlab-qmp-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let sock = dir.join("qmp.sock");
-        let child = Command::new("qemu-system-x86_64")
-            .args([
-                "-machine",
-                "none",
-                "-nodefaults",
-                "-display",
-                "none",
-                "-S",
-                "-qmp",
-            ])
-            .arg(format!("unix:{},server=on,wait=off", sock.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("qemu-system-x86_64 must be installed (apt-get install qemu-system-x86)");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !sock.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "QEMU never created {}",
-                sock.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let child = common::spawn_bare_qemu(&dir.join("qmp.sock"));
         BareQemu { child, dir }
     }
 

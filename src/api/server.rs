@@ -150,6 +150,15 @@ impl Server {
         let limits = Limits::default();
         let mut last_tick = Instant::now();
         let socket_label = Arc::new(socket_label);
+        let waker = self.waker.clone();
+        let ctx = Ctx {
+            manager: &manager,
+            socket: &socket_label,
+            done_tx: &done_tx,
+            busy: &busy,
+            waker: &waker,
+            limits: &limits,
+        };
         while !self.flag.load(Ordering::SeqCst) {
             match self
                 .poll
@@ -182,14 +191,6 @@ impl Server {
                         if ev.is_writable() {
                             flush(conn);
                         }
-                        let ctx = Ctx {
-                            manager: &manager,
-                            socket: &socket_label,
-                            done_tx: &done_tx,
-                            busy: &busy,
-                            waker: &self.waker,
-                            limits: &limits,
-                        };
                         advance(token, conn, &ctx);
                     }
                 }
@@ -197,14 +198,6 @@ impl Server {
             while let Ok(d) = done_rx.try_recv() {
                 if let Some(conn) = conns.get_mut(&d.token).filter(|c| c.serial == d.serial) {
                     deliver(conn, d.reply, d.keep_alive);
-                    let ctx = Ctx {
-                        manager: &manager,
-                        socket: &socket_label,
-                        done_tx: &done_tx,
-                        busy: &busy,
-                        waker: &self.waker,
-                        limits: &limits,
-                    };
                     advance(d.token, conn, &ctx);
                 }
             }

@@ -277,3 +277,34 @@ pub fn gone(pid: u32) -> bool {
             .is_some_and(|state| state == "Z" || state == "X"),
     }
 }
+
+/// A QEMU with no machine, only a QMP monitor on `qmp_sock`; returns once the
+/// socket exists. The caller kills it.
+pub fn spawn_bare_qemu(qmp_sock: &Path) -> Child {
+    let child = Command::new("qemu-system-x86_64")
+        .args([
+            "-machine",
+            "none",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-S",
+            "-qmp",
+        ])
+        .arg(format!("unix:{},server=on,wait=off", qmp_sock.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("qemu-system-x86_64 must be installed (apt-get install qemu-system-x86)");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !qmp_sock.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "QEMU never created {}",
+            qmp_sock.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}

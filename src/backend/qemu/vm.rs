@@ -126,16 +126,15 @@ impl Vm {
                 return Err(e.with_stderr(&tail));
             }
         };
-        let vm = Arc::new(Vm {
-            vmid: spec.vmid,
+        Ok(Vm::watch(
+            spec,
             pid,
-            qmp: Mutex::new(Some(qmp)),
-            console_in: Mutex::new(None),
+            qmp,
             shared,
-        });
-        let console = vm.start_console(&spec.paths, &spec.ready_on, spec.console_max, sink.clone());
-        vm.start_exit_watcher(Exit::Child(child), console, spec.paths, log_offset, sink);
-        Ok(vm)
+            Exit::Child(child),
+            log_offset,
+            sink,
+        ))
     }
 
     /// Re-attaches to a QEMU that survived a daemon restart.
@@ -147,6 +146,30 @@ impl Vm {
             connect_qmp(&spec.paths.run_dir.join(QMP_SOCK), spec.vmid, &shared).map_err(|e| {
                 BackendError::host_with(format!("sandbox {}: cannot reconnect QMP", spec.vmid), e)
             })?;
+        let log_offset = std::fs::metadata(&spec.paths.qemu_log)
+            .map(|m| m.len())
+            .unwrap_or(0);
+        Ok(Vm::watch(
+            spec,
+            pid,
+            qmp,
+            shared,
+            Exit::Adopted(pidfd),
+            log_offset,
+            sink,
+        ))
+    }
+
+    /// The common end of launch and attach: the console reader and exit watcher.
+    fn watch(
+        spec: LaunchSpec,
+        pid: u32,
+        qmp: Qmp,
+        shared: Arc<(Mutex<Shared>, Condvar)>,
+        exit: Exit,
+        log_offset: u64,
+        sink: EventSink,
+    ) -> Arc<Vm> {
         let vm = Arc::new(Vm {
             vmid: spec.vmid,
             pid,
@@ -154,12 +177,9 @@ impl Vm {
             console_in: Mutex::new(None),
             shared,
         });
-        let log_offset = std::fs::metadata(&spec.paths.qemu_log)
-            .map(|m| m.len())
-            .unwrap_or(0);
         let console = vm.start_console(&spec.paths, &spec.ready_on, spec.console_max, sink.clone());
-        vm.start_exit_watcher(Exit::Adopted(pidfd), console, spec.paths, log_offset, sink);
-        Ok(vm)
+        vm.start_exit_watcher(exit, console, spec.paths, log_offset, sink);
+        vm
     }
 
     pub fn qmp(
