@@ -96,7 +96,7 @@ impl State {
             return self != Destroyed;
         }
         match self {
-            Requested => matches!(to, Provisioning | Failed),
+            Requested => matches!(to, Provisioning | Failed | Timeout),
             Provisioning => matches!(to, Booting | Stopped | Failed | Timeout),
             Booting => matches!(to, Ready | Stopped | Failed | Timeout),
             Ready => matches!(to, Running | Stopped | Failed | Timeout),

@@ -104,14 +104,16 @@ impl Client {
 
     /// Reads an NDJSON stream, calling `on_item` per line until it returns
     /// false or the daemon ends the stream.
+    /// `quiet_limit` bounds the silence between two items (None: wait for ever).
     pub fn stream(
         &self,
         path: &str,
+        quiet_limit: Option<std::time::Duration>,
         mut on_item: impl FnMut(Value) -> bool,
     ) -> Result<(), ClientError> {
         let mut s = self.connect()?;
-        // A stream may be quiet for a long time; only the connect is timed.
-        s.set_read_timeout(None).map_err(ClientError::Io)?;
+        // A stream may be quiet for a long time: only the silence is bounded.
+        s.set_read_timeout(quiet_limit).map_err(ClientError::Io)?;
         s.write_all(&http::encode_request("GET", path, None))
             .map_err(ClientError::Io)?;
         let mut reader = Reader::new(s);

@@ -86,47 +86,50 @@ fn route(m: &Arc<Manager>, req: &Request, socket: &str) -> Result<Reply, OpError
     match (method, seg.as_slice()) {
         ("GET", ["healthz"]) => ok(200, &json!({"ok": true})),
         ("GET", ["v1", "status"]) => ok(200, &m.status(socket)?),
-        ("GET", ["v1", "profiles"]) => {
-            let profiles = m.profiles()?;
-            ok(200, &json!({"profiles": profiles.list()}))
-        }
+        ("GET", ["v1", "profiles"]) => ok(200, &json!({"profiles": m.profiles()?.list()})),
         ("GET", ["v1", "images"]) => ok(200, &json!({"images": m.backend().images()})),
         ("POST", ["v1", "images", "default", "build"]) => {
             let r: BuildImageRequest = body(req)?;
             let lines = m.build_default_image(r.force)?;
+            let images = m.backend().images();
             ok(
                 200,
-                &json!({"built": true, "progress": lines, "images": m.backend().images()}),
+                &json!({"built": true, "progress": lines, "images": images}),
             )
         }
+        ("GET", ["v1", "events"]) => events(m, req, None),
         ("GET", ["v1", "sandboxes"]) => ok(200, &json!({"sandboxes": m.list(flag(req, "all"))?})),
-        ("POST", ["v1", "sandboxes"]) => {
-            let r: CreateRequest = body(req)?;
-            ok(201, &m.create(r)?)
-        }
+        ("POST", ["v1", "sandboxes"]) => ok(201, &m.create(body::<CreateRequest>(req)?)?),
         ("POST", ["v1", "sandboxes", "prune"]) => {
-            let r: PruneRequest = body(req)?;
-            ok(200, &m.prune(r.dry_run)?)
+            ok(200, &m.prune(body::<PruneRequest>(req)?.dry_run)?)
         }
-        ("GET", ["v1", "sandboxes", id]) => ok(200, &m.find(id)?),
-        ("DELETE", ["v1", "sandboxes", id]) => ok(200, &m.destroy(id, flag(req, "force"))?),
-        ("POST", ["v1", "sandboxes", id, "start"]) => {
-            let r: StartRequest = body(req)?;
-            ok(200, &m.start(id, r.wait)?)
-        }
-        ("POST", ["v1", "sandboxes", id, "stop"]) => {
-            let r: ForceRequest = body(req)?;
-            ok(200, &m.stop(id, r.force)?)
-        }
-        ("POST", ["v1", "sandboxes", id, "destroy"]) => {
-            let r: ForceRequest = body(req)?;
-            ok(200, &m.destroy(id, r.force)?)
-        }
-        ("POST", ["v1", "sandboxes", id, "revert"]) => {
+        (_, ["v1", "sandboxes", id, rest @ ..]) => match sandbox_route(m, req, method, id, rest)? {
+            Some(reply) => Ok(reply),
+            None => not_routed(req, &seg),
+        },
+        _ => not_routed(req, &seg),
+    }
+}
+
+/// `/v1/sandboxes/{id}/…`; None when no route matches.
+fn sandbox_route(
+    m: &Arc<Manager>,
+    req: &Request,
+    method: &str,
+    id: &str,
+    rest: &[&str],
+) -> Result<Option<Reply>, OpError> {
+    let reply = match (method, rest) {
+        ("GET", []) => ok(200, &m.find(id)?)?,
+        ("DELETE", []) => ok(200, &m.destroy(id, flag(req, "force"))?)?,
+        ("POST", ["start"]) => ok(200, &m.start(id, body::<StartRequest>(req)?.wait)?)?,
+        ("POST", ["stop"]) => ok(200, &m.stop(id, body::<ForceRequest>(req)?.force)?)?,
+        ("POST", ["destroy"]) => ok(200, &m.destroy(id, body::<ForceRequest>(req)?.force)?)?,
+        ("POST", ["revert"]) => {
             let r: RevertRequest = body(req)?;
-            ok(200, &m.revert(id, r.force, r.restart, r.wait)?)
+            ok(200, &m.revert(id, r.force, r.restart, r.wait)?)?
         }
-        ("POST", ["v1", "sandboxes", id, "lease", "renew"]) => {
+        ("POST", ["lease", "renew"]) => {
             let r: RenewRequest = body(req)?;
             let ttl = match (r.ttl, r.ttl_minutes) {
                 (Some(t), None) => {
@@ -139,23 +142,33 @@ fn route(m: &Arc<Manager>, req: &Request, socket: &str) -> Result<Reply, OpError
                     ))
                 }
             };
-            ok(200, &m.renew(id, ttl)?)
+            ok(200, &m.renew(id, ttl)?)?
         }
-        ("POST", ["v1", "sandboxes", id, "console"]) => {
+        ("POST", ["console"]) => {
             let r: ConsoleInput = body(req)?;
             m.console_input(id, &r.data)?;
-            ok(200, &json!({"written": r.data.len()}))
+            ok(200, &json!({"written": r.data.len()}))?
         }
-        ("GET", ["v1", "sandboxes", id, "events"]) => events(m, req, Some(id)),
-        ("GET", ["v1", "sandboxes", id, "logs"]) => logs(m, req, id),
-        ("GET", ["v1", "events"]) => events(m, req, None),
-        (_, ["healthz"] | ["v1", ..]) if known_path(&seg) => Err(OpError::MethodNotAllowed(
-            format!("method {method} is not allowed on {}", req.path),
-        )),
-        _ => Err(OpError::NotFound(format!(
+        ("GET", ["events"]) => events(m, req, Some(id))?,
+        ("GET", ["logs"]) => logs(m, req, id)?,
+        _ => return Ok(None),
+    };
+    Ok(Some(reply))
+}
+
+/// 405 when the path exists for another method, else 404.
+fn not_routed(req: &Request, seg: &[&str]) -> Result<Reply, OpError> {
+    let method = &req.method;
+    if known_path(seg) {
+        Err(OpError::MethodNotAllowed(format!(
+            "method {method} is not allowed on {}",
+            req.path
+        )))
+    } else {
+        Err(OpError::NotFound(format!(
             "no such route: {method} {}",
             req.path
-        ))),
+        )))
     }
 }
 
@@ -228,11 +241,7 @@ fn logs(m: &Arc<Manager>, req: &Request, id: &str) -> Result<Reply, OpError> {
         })
     });
     let events = m.store().tail_for(sb.vmid, tail)?;
-    let console = m
-        .backend()
-        .console_log(sb.vmid)
-        .map(|p| crate::backend::qemu::console::read_tail(&p, tail))
-        .unwrap_or_default();
+    let console = m.backend().console_tail(sb.vmid, tail);
     let mut items: Vec<BusItem> = events.iter().cloned().map(BusItem::Event).collect();
     items.extend(console.into_iter().map(|(ts, line)| BusItem::Console {
         vmid: sb.vmid,

@@ -74,6 +74,9 @@ struct Conn {
     /// Distinguishes this connection from a later one reusing its token.
     serial: u64,
     token: Token,
+    /// The client shut its write side (`nc -N`, `socat` at EOF): answer
+    /// what it sent, then close.
+    read_closed: bool,
     writable_registered: bool,
 }
 
@@ -93,8 +96,9 @@ pub struct Server {
 }
 
 impl Server {
-    /// Takes a bound listener (tests bind their own). With `signals`, SIGTERM
-    /// and SIGINT (blocked by the caller) end the loop.
+    /// Takes a bound listener (tests bind their own). With `signals`, the
+    /// signals in that signalfd (SIGTERM, SIGINT, SIGHUP, blocked by the
+    /// caller) end the loop.
     pub fn new(
         listener: std::os::unix::net::UnixListener,
         signals: Option<nix::sys::signalfd::SignalFd>,
@@ -173,25 +177,11 @@ impl Server {
                 match ev.token() {
                     LISTENER => self.accept(&mut conns, &mut next_token, &mut serial),
                     WAKER => {}
-                    SIGNALS => {
-                        if let Some(sfd) = &self.signals {
-                            if let Ok(Some(info)) = sfd.read_signal() {
-                                crate::info!("agentlabd: signal {} received; shutting down (sandboxes keep running)", info.ssi_signo);
-                                self.flag.store(true, Ordering::SeqCst);
-                            }
-                        }
-                    }
+                    SIGNALS => self.on_signal(),
                     token => {
-                        let Some(conn) = conns.get_mut(&token) else {
-                            continue;
-                        };
-                        if ev.is_readable() || ev.is_read_closed() {
-                            read_some(conn);
+                        if let Some(conn) = conns.get_mut(&token) {
+                            on_io(token, conn, ev, &ctx);
                         }
-                        if ev.is_writable() {
-                            flush(conn);
-                        }
-                        advance(token, conn, &ctx);
                     }
                 }
             }
@@ -201,26 +191,25 @@ impl Server {
                     advance(d.token, conn, &ctx);
                 }
             }
-            for conn in conns.values_mut() {
-                pump_stream(conn);
-            }
-            let now = Instant::now();
-            let registry = self.poll.registry();
-            conns.retain(|_, c| {
-                enforce_timeouts(c, now);
-                update_interest(registry, c);
-                let keep = !(matches!(c.phase, Phase::Closing) && c.wbuf.is_empty());
-                if !keep {
-                    let _ = registry.deregister(&mut c.stream);
-                }
-                keep
-            });
+            housekeeping(&mut conns, self.poll.registry());
             if last_tick.elapsed() >= Duration::from_secs(1) {
                 last_tick = Instant::now();
                 tick();
             }
         }
         Ok(())
+    }
+
+    fn on_signal(&self) {
+        if let Some(sfd) = &self.signals {
+            if let Ok(Some(info)) = sfd.read_signal() {
+                crate::info!(
+                    "agentlabd: signal {} received; shutting down (sandboxes keep running)",
+                    info.ssi_signo
+                );
+                self.flag.store(true, Ordering::SeqCst);
+            }
+        }
     }
 
     fn accept(&mut self, conns: &mut HashMap<Token, Conn>, next: &mut usize, serial: &mut u64) {
@@ -258,6 +247,7 @@ impl Server {
                             last_io: Instant::now(),
                             serial: *serial,
                             token,
+                            read_closed: false,
                             writable_registered: false,
                         },
                     );
@@ -282,16 +272,48 @@ struct Ctx<'a> {
     limits: &'a Limits,
 }
 
+/// A connection became readable or writable.
+fn on_io(token: Token, conn: &mut Conn, ev: &mio::event::Event, ctx: &Ctx<'_>) {
+    if ev.is_readable() || ev.is_read_closed() {
+        read_some(conn);
+    }
+    if ev.is_writable() {
+        flush(conn);
+    }
+    advance(token, conn, ctx);
+}
+
+/// After each round: feed streams, enforce timeouts, adjust write interest,
+/// and drop connections that are done.
+fn housekeeping(conns: &mut HashMap<Token, Conn>, registry: &mio::Registry) {
+    for conn in conns.values_mut() {
+        pump_stream(conn);
+    }
+    let now = Instant::now();
+    conns.retain(|_, c| {
+        enforce_timeouts(c, now);
+        update_interest(registry, c);
+        let keep = !(matches!(c.phase, Phase::Closing) && c.wbuf.is_empty());
+        if !keep {
+            let _ = registry.deregister(&mut c.stream);
+        }
+        keep
+    });
+}
+
 /// Reads what the socket has (edge-triggered: until WouldBlock).
 fn read_some(conn: &mut Conn) {
     let mut buf = [0u8; 16 * 1024];
     loop {
         match conn.stream.read(&mut buf) {
             Ok(0) => {
-                // The client hung up. A half-read request is abandoned; a
-                // stream ends; a reply in progress is dropped.
-                conn.phase = Phase::Closing;
-                conn.wbuf.clear();
+                // End of the client's input. A stream ends (nobody is left to
+                // read it); a request already received is still answered.
+                conn.read_closed = true;
+                if matches!(conn.phase, Phase::Streaming { .. }) {
+                    conn.phase = Phase::Closing;
+                    conn.wbuf.clear();
+                }
                 return;
             }
             Ok(n) => {
@@ -342,6 +364,8 @@ fn flush(conn: &mut Conn) {
 fn advance(token: Token, conn: &mut Conn, ctx: &Ctx<'_>) {
     if matches!(conn.phase, Phase::Reading) && !conn.rbuf.is_empty() {
         match http::parse_request(&conn.rbuf, ctx.limits) {
+            // Incomplete, and no more bytes will come.
+            Ok(None) if conn.read_closed => conn.phase = Phase::Closing,
             Ok(None) => {}
             Ok(Some((req, used))) => {
                 conn.rbuf.drain(..used);
@@ -356,6 +380,9 @@ fn advance(token: Token, conn: &mut Conn, ctx: &Ctx<'_>) {
                 conn.phase = Phase::Closing;
             }
         }
+    }
+    if matches!(conn.phase, Phase::Reading) && conn.rbuf.is_empty() && conn.read_closed {
+        conn.phase = Phase::Closing;
     }
     flush(conn);
 }
@@ -405,6 +432,7 @@ fn deliver(conn: &mut Conn, reply: Reply, keep_alive: bool) {
     if matches!(conn.phase, Phase::Closing) {
         return;
     }
+    let keep_alive = keep_alive && !conn.read_closed;
     match reply {
         Reply::Whole(resp) => {
             conn.wbuf.extend(resp.encode(keep_alive));

@@ -207,8 +207,10 @@ pub trait Backend: Send + Sync {
 
     fn remove_orphan(&self, orphan: &Orphan) -> Result<(), BackendError>;
 
-    /// The guest console's log file, for `agentlab logs`.
-    fn console_log(&self, vmid: u32) -> Option<std::path::PathBuf>;
+    /// The last `n` lines of the guest's console, oldest first, for `agentlab logs`.
+    fn console_tail(&self, _vmid: u32, _n: usize) -> Vec<(crate::time::Timestamp, String)> {
+        Vec::new()
+    }
 
     /// Types bytes into a running sandbox's serial console.
     fn console_write(&self, vmid: u32, _data: &[u8]) -> Result<(), BackendError> {

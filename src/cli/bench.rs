@@ -67,9 +67,14 @@ pub fn run(g: &Global, c: BenchCmd) -> Result<(), CliError> {
     if c.json {
         return output::print_json(&report);
     }
+    print_report(&accel, &report)
+}
+
+/// The figures for people.
+fn print_report(accel: &str, report: &Value) -> Result<(), CliError> {
     let ms = |v: &Value| format!("{:.0} ms", v.as_f64().unwrap_or(0.0));
     output::fields(&[
-        ("accelerator", accel),
+        ("accelerator", accel.to_string()),
         (
             "boot, agentlab (median)",
             ms(&report["boot"]["agentlab_median_ms"]),
@@ -141,17 +146,21 @@ fn measure(
         false,
     );
     let mut vmids = Vec::new();
-    for _ in 0..c.concurrent {
-        let sb = cl.post("/v1/sandboxes", &json!({ "wait": true }))?;
-        vmids.push(sb["vmid"].as_u64().unwrap_or(0));
-    }
-    let busy_rss = cl.get("/v1/status")?["rss_bytes"].as_u64().unwrap_or(0);
+    let busy = (0..c.concurrent)
+        .try_for_each(|_| {
+            let sb = cl.post("/v1/sandboxes", &json!({ "wait": true, "ttl": "10m" }))?;
+            vmids.push(sb["vmid"].as_u64().unwrap_or(0));
+            Ok::<(), CliError>(())
+        })
+        .and_then(|()| Ok(cl.get("/v1/status")?["rss_bytes"].as_u64().unwrap_or(0)));
+    // Whatever happened, leave no bench sandbox behind.
     for v in vmids {
-        cl.post(
+        let _ = cl.post(
             &format!("/v1/sandboxes/{v}/destroy"),
             &json!({ "force": true }),
-        )?;
+        );
     }
+    let busy_rss = busy?;
     let (o, b) = (median(&ours), median(&bare));
     Ok(json!({
         "boot": {
@@ -167,7 +176,8 @@ fn measure(
 
 fn boot_agentlab(cl: &Client) -> Result<f64, CliError> {
     let t = Instant::now();
-    let sb = cl.post("/v1/sandboxes", &json!({ "wait": true }))?;
+    // A lease, so that a bench killed here leaves nothing running for long.
+    let sb = cl.post("/v1/sandboxes", &json!({ "wait": true, "ttl": "10m" }))?;
     let elapsed = t.elapsed().as_secs_f64() * 1000.0;
     let vmid = sb["vmid"].as_u64().unwrap_or(0);
     let state = sb["state"].as_str().unwrap_or("").to_string();
@@ -209,37 +219,7 @@ fn boot_bare(
     let t = Instant::now();
     qcow::write_overlay(&overlay, &image.disk, image.format, image.virtual_size)
         .map_err(|e| CliError::Host(crate::log::error_chain(&e)))?;
-    let base = json!({"driver": image.format.as_str(), "node-name": "base0", "read-only": true,
-        "file": {"driver": "file", "filename": image.disk.display().to_string(), "read-only": true}});
-    let root = json!({"driver": "qcow2", "node-name": "root", "backing": "base0",
-        "file": {"driver": "file", "filename": overlay.display().to_string()}});
-    let cpu = if accel == "kvm" { "host" } else { "max" };
-    let mut child = Command::new(qemu)
-        .args([
-            "-machine", "q35", "-accel", accel, "-cpu", cpu, "-m", "512", "-smp", "1",
-        ])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-        ])
-        .args([
-            "-blockdev",
-            &base.to_string(),
-            "-blockdev",
-            &root.to_string(),
-        ])
-        .args(["-device", "virtio-blk-pci,drive=root"])
-        .arg("-kernel")
-        .arg(kernel)
-        .arg("-initrd")
-        .arg(initrd)
-        .args(["-append", cmdline, "-serial", "stdio"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+    let mut child = bare_command(qemu, accel, image, &overlay, kernel, initrd, cmdline)
         .spawn()
         .map_err(|e| CliError::Host(format!("bench: cannot run {qemu}: {e}")))?;
     let stdout = child
@@ -261,6 +241,51 @@ fn boot_bare(
             "bench: bare qemu exited before the ready line".into(),
         ))
     }
+}
+
+/// The same guest as `sandbox new` boots, by hand: overlay on the base,
+/// kernel, initramfs, accelerator, serial console on stdout.
+fn bare_command(
+    qemu: &str,
+    accel: &str,
+    image: &crate::image::store::Image,
+    overlay: &Path,
+    kernel: &Path,
+    initrd: &Path,
+    cmdline: &str,
+) -> Command {
+    let base = json!({"driver": image.format.as_str(), "node-name": "base0", "read-only": true,
+        "file": {"driver": "file", "filename": image.disk.display().to_string(), "read-only": true}});
+    let root = json!({"driver": "qcow2", "node-name": "root", "backing": "base0",
+        "file": {"driver": "file", "filename": overlay.display().to_string()}});
+    let cpu = if accel == "kvm" { "host" } else { "max" };
+    let mut cmd = Command::new(qemu);
+    cmd.args([
+        "-machine", "q35", "-accel", accel, "-cpu", cpu, "-m", "512", "-smp", "1",
+    ])
+    .args([
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+    ])
+    .args([
+        "-blockdev",
+        &base.to_string(),
+        "-blockdev",
+        &root.to_string(),
+    ])
+    .args(["-device", "virtio-blk-pci,drive=root"])
+    .arg("-kernel")
+    .arg(kernel)
+    .arg("-initrd")
+    .arg(initrd)
+    .args(["-append", cmdline, "-serial", "stdio"])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
+    cmd
 }
 
 fn overlay_times(

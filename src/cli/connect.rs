@@ -88,7 +88,7 @@ fn start_daemon(g: &Global, cfg: &Config, socket: &Path) -> Result<(), CliError>
         .stdin(Stdio::null())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log_err));
-    let mut child = crate::sys::process::spawn_detached(&mut cmd)
+    let child = crate::sys::process::spawn_detached(&mut cmd)
         .map_err(|e| CliError::Host(format!("cannot start agentlabd: {e}")))?;
     output::progress(
         &format!(
@@ -98,25 +98,34 @@ fn start_daemon(g: &Global, cfg: &Config, socket: &Path) -> Result<(), CliError>
         ),
         true,
     );
+    wait_for_socket(child, socket, &cfg.log_path)
+}
+
+/// Waits until the new daemon answers, or says why it will not.
+fn wait_for_socket(
+    mut child: std::process::Child,
+    socket: &Path,
+    log: &Path,
+) -> Result<(), CliError> {
     let deadline = Instant::now() + DAEMON_START_TIMEOUT;
     loop {
         if std::os::unix::net::UnixStream::connect(socket).is_ok() {
-            // Reap it later: the daemon is meant to outlive this CLI.
+            // The daemon is meant to outlive this CLI: do not reap it.
             std::mem::forget(child);
             return Ok(());
         }
         if let Ok(Some(st)) = child.try_wait() {
             return Err(CliError::Host(format!(
                 "agentlabd exited at once ({st}); its log {} says:\n{}",
-                cfg.log_path.display(),
-                log_tail(&cfg.log_path, 10)
+                log.display(),
+                log_tail(log, 10)
             )));
         }
         if Instant::now() > deadline {
             return Err(CliError::Host(format!(
                 "agentlabd did not open {} within {DAEMON_START_TIMEOUT:?}; see {}",
                 socket.display(),
-                cfg.log_path.display()
+                log.display()
             )));
         }
         std::thread::sleep(Duration::from_millis(20));

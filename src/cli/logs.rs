@@ -45,6 +45,7 @@ pub fn run(g: &Global, c: LogsCmd) -> Result<(), CliError> {
     let mut failed = None;
     cl.stream(
         &format!("/v1/sandboxes/{id}/logs?tail={}&follow=1", c.tail),
+        None,
         |e| match print_entry(&e, c.json) {
             Ok(()) => true,
             Err(err) => {

@@ -8,6 +8,7 @@
 mod bench;
 mod connect;
 mod daemon;
+mod image;
 mod logs;
 pub mod output;
 mod profile;
@@ -51,7 +52,7 @@ pub struct Cli {
 enum Command {
     Sandbox(sandbox::SandboxCmd),
     Profile(profile::ProfileCmd),
-    Image(profile::ImageCmd),
+    Image(image::ImageCmd),
     Status(status::StatusCmd),
     Logs(logs::LogsCmd),
     Daemon(daemon::DaemonCmd),
@@ -148,7 +149,7 @@ pub fn main() -> ExitCode {
     let r = match cli.cmd {
         Command::Sandbox(c) => sandbox::run(&global, c),
         Command::Profile(c) => profile::run_profile(&global, c),
-        Command::Image(c) => profile::run_image(&global, c),
+        Command::Image(c) => image::run(&global, c),
         Command::Status(c) => status::run(&global, c),
         Command::Logs(c) => logs::run(&global, c),
         Command::Daemon(c) => daemon::run(&global, c),

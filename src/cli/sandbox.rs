@@ -2,6 +2,8 @@
 //! lease renewal and pruning. Each subcommand is one API call (plus, for
 //! `--wait`, following the sandbox's events until it settles).
 
+use std::time::Duration;
+
 use argh::FromArgs;
 use serde_json::{json, Value};
 
@@ -291,7 +293,13 @@ fn new(g: &Global, c: NewCmd) -> Result<(), CliError> {
             output::line(&vmid.to_string())
         };
     }
-    let sb = wait_ready(&cl, vmid, c.json)?;
+    // The daemon fails a guest that misses its boot deadline; the CLI only
+    // guards against a daemon that stops answering.
+    let cfg = super::connect::load_config(g)?;
+    let limit = g
+        .timeout
+        .unwrap_or(cfg.provisioning_timeout + cfg.boot_timeout + Duration::from_secs(60));
+    let sb = wait_ready(&cl, vmid, c.json, limit)?;
     if c.json {
         output::print_json(&sb)
     } else {
@@ -308,11 +316,13 @@ fn strip_nulls(mut v: Value) -> Value {
 
 /// Follows a new sandbox's events from its first until it is READY (Ok) or
 /// cannot get there. Progress goes to stderr when stderr is a terminal.
-fn wait_ready(cl: &Client, vmid: u32, quiet: bool) -> Result<Value, CliError> {
+/// `limit` bounds how long it may go without news.
+fn wait_ready(cl: &Client, vmid: u32, quiet: bool, limit: Duration) -> Result<Value, CliError> {
     let started = std::time::Instant::now();
     let mut last_state = None;
-    cl.stream(
+    let streamed = cl.stream(
         &format!("/v1/sandboxes/{vmid}/events?follow=1&after=0"),
+        Some(limit),
         |item| {
             if let Some(to) = item["to"].as_str() {
                 last_state = State::parse(to);
@@ -335,7 +345,20 @@ fn wait_ready(cl: &Client, vmid: u32, quiet: bool) -> Result<Value, CliError> {
                 )
             )
         },
-    )?;
+    );
+    if let Err(crate::api::client::ClientError::Io(e)) = &streamed {
+        if matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ) {
+            return Err(CliError::Host(format!(
+                "sandbox {vmid} made no progress for {}; it is still {}; see `agentlab logs {vmid}`",
+                crate::time::format_duration(limit),
+                last_state.map_or("being created".to_string(), |s| s.to_string())
+            )));
+        }
+    }
+    streamed?;
     let sb = cl.get(&format!("/v1/sandboxes/{vmid}"))?;
     settled_ok(&sb)?;
     Ok(sb)
@@ -417,14 +440,18 @@ fn show(g: &Global, c: ShowCmd) -> Result<(), CliError> {
     }
     let s: Sandbox = serde_json::from_value(v)
         .map_err(|e| CliError::Host(format!("unexpected answer from agentlabd: {e}")))?;
-    let now = Timestamp::now();
+    output::fields(&show_fields(&s, Timestamp::now()))
+}
+
+/// What `sandbox show` prints, in order.
+fn show_fields(s: &Sandbox, now: Timestamp) -> Vec<(&'static str, String)> {
     let disk = s.disk.as_ref();
     let rt = s.runtime.as_ref();
     let lease = match s.lease_expires_at {
         Some(at) => format!("{at} ({})", output::relative(at, now)),
         None => "none".into(),
     };
-    output::fields(&[
+    vec![
         ("vmid", s.vmid.to_string()),
         ("name", s.name.clone()),
         ("state", s.state.to_string()),
@@ -473,7 +500,7 @@ fn show(g: &Global, c: ShowCmd) -> Result<(), CliError> {
             format!("{} ({})", s.updated_at, output::relative(s.updated_at, now)),
         ),
         ("last error", s.last_error.clone().unwrap_or_default()),
-    ])
+    ]
 }
 
 fn revert(g: &Global, c: RevertCmd) -> Result<(), CliError> {

@@ -247,7 +247,8 @@ impl Config {
     /// `--state-dir`: replaces `data_dir` and moves every path that was
     /// derived from it. A path counts as derived when it still equals its
     /// default under the old `data_dir` (`<data_dir>/images`, …); one set in
-    /// the file to somewhere else stays put.
+    /// the file to somewhere else stays put. A defaulted `run_dir` becomes
+    /// `<dir>/run` (and the socket with it).
     pub fn with_data_dir(mut self, dir: &Path) -> Config {
         let old = std::mem::replace(&mut self.data_dir, dir.to_path_buf());
         let derived = [
@@ -259,6 +260,17 @@ impl Config {
         for (path, leaf) in derived {
             if *path == old.join(leaf) {
                 *path = dir.join(leaf);
+            }
+        }
+        // A state dir is a whole installation: unless the file put them
+        // elsewhere, the run dir (sockets, VM run dirs) moves with it too, so
+        // `--state-dir` never talks to, or shares VM sockets with, the
+        // system daemon.
+        if self.run_dir == Path::new(DEFAULT_RUN_DIR) {
+            let old_socket = self.run_dir.join(SOCKET_NAME);
+            self.run_dir = dir.join("run");
+            if self.socket_path == old_socket {
+                self.socket_path = self.run_dir.join(SOCKET_NAME);
             }
         }
         self
@@ -705,5 +717,21 @@ mod tests {
 
         assert_eq!(json["stop_timeout"], "30s");
         assert_eq!(json["provisioning_timeout"], "10m");
+    }
+
+    #[test]
+    fn state_dir_moves_a_defaulted_run_dir_and_socket() {
+        let c = Config::defaults().with_data_dir(Path::new("/tmp/al"));
+        assert_eq!(c.run_dir, PathBuf::from("/tmp/al/run"));
+        assert_eq!(c.socket_path, PathBuf::from("/tmp/al/run/agentlabd.sock"));
+    }
+
+    #[test]
+    fn state_dir_keeps_a_run_dir_set_in_the_file() {
+        let c = parse("run_dir: /srv/run\n")
+            .unwrap()
+            .with_data_dir(Path::new("/tmp/al"));
+        assert_eq!(c.run_dir, PathBuf::from("/srv/run"));
+        assert_eq!(c.socket_path, PathBuf::from("/srv/run/agentlabd.sock"));
     }
 }

@@ -80,6 +80,11 @@ pub struct Manager {
     backend: Arc<dyn Backend>,
     bus: Bus,
     locks: Mutex<HashMap<u32, Arc<Mutex<()>>>>,
+    /// Serialises creates: name uniqueness and VMID allocation.
+    create_lock: Mutex<()>,
+    /// Held across event-id allocation, store write and publish, so live
+    /// streams see events in id order and `?after=` polling misses none.
+    log: Mutex<()>,
     /// Bumped on every record change; waiters sleep on it.
     changed: (Mutex<u64>, Condvar),
     started_at: Timestamp,
@@ -94,6 +99,8 @@ impl Manager {
             backend,
             bus,
             locks: Mutex::new(HashMap::new()),
+            log: Mutex::new(()),
+            create_lock: Mutex::new(()),
             changed: (Mutex::new(0), Condvar::new()),
             started_at: Timestamp::now(),
             started: Instant::now(),
@@ -116,19 +123,32 @@ impl Manager {
         &self.backend
     }
 
-    fn lock_of(&self, vmid: u32) -> Arc<Mutex<()>> {
+    pub(crate) fn lock_of(&self, vmid: u32) -> Arc<Mutex<()>> {
         lock(&self.locks).entry(vmid).or_default().clone()
     }
 
     /// Writes the record and its event, then tells everyone who listens.
     pub(crate) fn record(&self, sb: &Sandbox, draft: EventDraft) -> Result<(), OpError> {
-        let ev = self.store.write(sb, None, draft)?;
+        let ev = {
+            let _log = lock(&self.log);
+            let ev = self.store.write(sb, None, draft)?;
+            self.bus.publish(BusItem::Event(ev.clone()));
+            ev
+        };
         crate::info!("sandbox {}: {} ({})", sb.vmid, ev.msg, sb.state);
-        self.bus.publish(BusItem::Event(ev));
         let (m, cv) = &self.changed;
         *lock(m) += 1;
         cv.notify_all();
         Ok(())
+    }
+
+    /// Appends an event that changes no record (progress, daemon start…).
+    pub(crate) fn append(&self, draft: EventDraft) {
+        let _log = lock(&self.log);
+        match self.store.append_event(draft) {
+            Ok(ev) => self.bus.publish(BusItem::Event(ev)),
+            Err(e) => crate::warn!("cannot record an event: {e}"),
+        }
     }
 
     /// Moves `sb` to `to` and records it. Refuses transitions the table forbids.
@@ -146,13 +166,7 @@ impl Manager {
     }
 
     pub(crate) fn note(&self, sb: &Sandbox, kind: &str, msg: &str, data: serde_json::Value) {
-        match self
-            .store
-            .append_event(EventDraft::new(Some(sb.vmid), kind, msg).with_data(data))
-        {
-            Ok(ev) => self.bus.publish(BusItem::Event(ev)),
-            Err(e) => crate::warn!("sandbox {}: cannot record event: {e}", sb.vmid),
-        }
+        self.append(EventDraft::new(Some(sb.vmid), kind, msg).with_data(data));
     }
 
     /// `1000` or a name → the sandbox record.
@@ -195,6 +209,51 @@ impl Manager {
             .resolve(req.profile.as_deref(), &req.modifiers)
             .map_err(|e| OpError::BadRequest(crate::log::error_chain(&e)))?
             .clone();
+        let ttl = self.ttl_for(&req, &profile)?;
+        if let Some(name) = &req.name {
+            model::validate_name(name).map_err(OpError::BadRequest)?;
+        }
+        self.backend.check_profile(&profile)?;
+        let sb = {
+            // The name check and the record must not interleave with another create.
+            let _g = lock(&self.create_lock);
+            if let Some(name) = &req.name {
+                if self.list(false)?.iter().any(|s| &s.name == name) {
+                    return Err(OpError::Conflict(format!(
+                        "a sandbox named {name:?} already exists"
+                    )));
+                }
+            }
+            let sb = new_record(
+                self.store.allocate_vmid()?,
+                &req,
+                &profile,
+                ttl,
+                self.backend.kind(),
+            );
+            let data = json!({"profile": profile.name, "ttl_seconds": sb.ttl_seconds, "keepalive": sb.keepalive});
+            let msg = format!("requested with profile {}", profile.name);
+            self.record(
+                &sb,
+                EventDraft::new(Some(sb.vmid), "sandbox.state", msg).with_data(data),
+            )?;
+            sb
+        };
+        let (me, vmid) = (self.clone(), sb.vmid);
+        std::thread::Builder::new()
+            .name(format!("provision-{vmid}"))
+            .spawn(move || me.provision_and_boot(vmid, &profile))
+            .map_err(|e| OpError::Host(format!("cannot start provisioning: {e}")))?;
+        if req.wait {
+            let deadline = self.cfg.provisioning_timeout + self.cfg.boot_timeout;
+            return self.wait_settled(vmid, deadline);
+        }
+        Ok(sb)
+    }
+
+    /// `ttl` or `ttl_minutes` from the request, else the profile's default,
+    /// else the config's `default_ttl`, else none.
+    fn ttl_for(&self, req: &CreateRequest, profile: &Profile) -> Result<Option<Duration>, OpError> {
         let ttl = match (&req.ttl, req.ttl_minutes) {
             (Some(_), Some(_)) => {
                 return Err(OpError::BadRequest(
@@ -215,57 +274,7 @@ impl Manager {
         if ttl.is_some_and(|t| t.is_zero()) {
             return Err(OpError::BadRequest("a TTL must be longer than zero".into()));
         }
-        if let Some(name) = &req.name {
-            model::validate_name(name).map_err(OpError::BadRequest)?;
-            if self.list(false)?.iter().any(|s| &s.name == name) {
-                return Err(OpError::Conflict(format!(
-                    "a sandbox named {name:?} already exists"
-                )));
-            }
-        }
-        self.backend.check_profile(&profile)?;
-        let vmid = self.store.allocate_vmid()?;
-        let now = Timestamp::now();
-        let sb = Sandbox {
-            vmid,
-            name: req.name.clone().unwrap_or_else(|| format!("sbx-{vmid}")),
-            profile: profile.name.clone(),
-            state: State::Requested,
-            backend: self.backend.kind().to_string(),
-            keepalive: req.keepalive.unwrap_or(profile.behavior.keepalive_default),
-            ttl_seconds: ttl.map(|t| t.as_secs()),
-            lease_expires_at: ttl.map(|t| now.plus(t)),
-            created_at: now,
-            updated_at: now,
-            resources: model::Resources {
-                cores: profile.resources.cores,
-                memory_mb: profile.resources.memory_mb,
-            },
-            ready_on: String::new(),
-            disk: None,
-            runtime: None,
-            mac: model::mac_for(vmid),
-            ip: None,
-            last_error: None,
-            spec: serde_json::to_value(&profile).unwrap_or_default(),
-        };
-        let ev = self.store.create(
-            &sb,
-            EventDraft::new(Some(vmid), "sandbox.state", format!("requested with profile {}", profile.name))
-                .with_data(json!({"profile": profile.name, "ttl_seconds": sb.ttl_seconds, "keepalive": sb.keepalive})),
-        )?;
-        crate::info!("sandbox {vmid}: requested (profile {})", profile.name);
-        self.bus.publish(BusItem::Event(ev));
-        let me = self.clone();
-        std::thread::Builder::new()
-            .name(format!("provision-{vmid}"))
-            .spawn(move || me.provision_and_boot(vmid, &profile))
-            .map_err(|e| OpError::Host(format!("cannot start provisioning: {e}")))?;
-        if req.wait {
-            let deadline = self.cfg.provisioning_timeout + self.cfg.boot_timeout;
-            return self.wait_settled(vmid, deadline);
-        }
-        Ok(sb)
+        Ok(ttl)
     }
 
     fn provision_and_boot(&self, vmid: u32, profile: &Profile) {
@@ -326,7 +335,7 @@ impl Manager {
         Ok(())
     }
 
-    fn fail(&self, sb: &mut Sandbox, why: &str) {
+    pub(crate) fn fail(&self, sb: &mut Sandbox, why: &str) {
         crate::error!("sandbox {}: {why}", sb.vmid);
         // Whatever half-started must not keep running behind a FAILED record.
         if let Err(e) = self.backend.stop(sb, StopMode::Hard) {
@@ -439,7 +448,12 @@ impl Manager {
         Ok(sb)
     }
 
-    fn destroy_locked(&self, sb: &mut Sandbox, force: bool, msg: &str) -> Result<(), OpError> {
+    pub(crate) fn destroy_locked(
+        &self,
+        sb: &mut Sandbox,
+        force: bool,
+        msg: &str,
+    ) -> Result<(), OpError> {
         let r = self.backend.destroy(sb);
         match r {
             Ok(()) => {}
@@ -468,40 +482,7 @@ impl Manager {
             let _g = lock(&l);
             let mut sb = self.find(id)?;
             check_action(vmid, sb.state, Action::Revert, force)?;
-            let was_running = sb.state.vm_expected();
-            if was_running {
-                let r = self.backend.stop(&sb, StopMode::Hard);
-                r?;
-                sb.runtime = None;
-                self.transition(&mut sb, State::Stopped, "stopped for revert")?;
-            }
-            if sb.disk.is_none() {
-                let profile: Profile = serde_json::from_value(sb.spec.clone()).map_err(|e| {
-                    OpError::Host(format!("sandbox {vmid}: stored profile unreadable: {e}"))
-                })?;
-                self.provision_locked(&mut sb, &profile)?;
-            } else {
-                let started = Instant::now();
-                self.backend.revert(&sb)?;
-                self.note(
-                    &sb,
-                    "sandbox.revert",
-                    "disk reverted to clean",
-                    json!({"duration_us": started.elapsed().as_micros() as u64}),
-                );
-            }
-            if sb.state == State::Failed {
-                sb.last_error = None;
-                self.transition(&mut sb, State::Stopped, "reverted; ready to start")?;
-            }
-            let restart = restart.unwrap_or(was_running);
-            if restart {
-                if let Err(e) = self.boot_locked(&mut sb) {
-                    self.fail(&mut sb, &e.to_string());
-                    return Err(e);
-                }
-            }
-            (was_running, restart)
+            self.revert_locked(&mut sb, restart)?
         };
         Ok(RevertResponse {
             snapshot: "clean".to_string(),
@@ -509,6 +490,56 @@ impl Manager {
             restarted,
             sandbox: self.maybe_wait(vmid, wait && restarted)?,
         })
+    }
+
+    /// Stops the VM if it runs, puts a clean disk in place (a fresh overlay,
+    /// or a first one for a sandbox that never got a disk), and restarts it
+    /// if asked (default: if it was running). Returns (was_running, restarted).
+    fn revert_locked(
+        &self,
+        sb: &mut Sandbox,
+        restart: Option<bool>,
+    ) -> Result<(bool, bool), OpError> {
+        let was_running = sb.state.vm_expected();
+        if was_running {
+            self.backend.stop(sb, StopMode::Hard)?;
+            sb.runtime = None;
+            self.transition(sb, State::Stopped, "stopped for revert")?;
+        }
+        if sb.disk.is_none() {
+            let profile: Profile = serde_json::from_value(sb.spec.clone()).map_err(|e| {
+                OpError::Host(format!(
+                    "sandbox {}: stored profile unreadable: {e}",
+                    sb.vmid
+                ))
+            })?;
+            if let Err(e) = self.provision_locked(sb, &profile) {
+                self.fail(sb, &e.to_string());
+                return Err(e);
+            }
+        } else {
+            let started = Instant::now();
+            self.backend.revert(sb)?;
+            let us = started.elapsed().as_micros() as u64;
+            self.note(
+                sb,
+                "sandbox.revert",
+                "disk reverted to clean",
+                json!({"duration_us": us}),
+            );
+        }
+        if matches!(sb.state, State::Failed | State::Provisioning) {
+            sb.last_error = None;
+            self.transition(sb, State::Stopped, "reverted; ready to start")?;
+        }
+        let restart = restart.unwrap_or(was_running);
+        if restart {
+            if let Err(e) = self.boot_locked(sb) {
+                self.fail(sb, &e.to_string());
+                return Err(e);
+            }
+        }
+        Ok((was_running, restart))
     }
 
     pub fn renew(&self, id: &str, ttl: Duration) -> Result<RenewResponse, OpError> {
@@ -586,39 +617,55 @@ impl Manager {
     }
 
     pub fn prune(&self, dry_run: bool) -> Result<PruneResponse, OpError> {
-        let live: Vec<Sandbox> = self.list(false)?;
-        let orphans = self.backend.orphans(&live);
-        let mut failed = Vec::new();
-        let mut forgotten = Vec::new();
-        if !dry_run {
-            for o in &orphans {
-                if let Err(e) = self.backend.remove_orphan(o) {
-                    failed.push(crate::log::error_chain(&e));
-                }
+        let candidates = self.backend.orphans(&self.list(false)?);
+        if dry_run {
+            return Ok(PruneResponse {
+                dry_run,
+                orphans: candidates,
+                failed: Vec::new(),
+                forgotten: Vec::new(),
+            });
+        }
+        let (mut removed, mut failed, mut forgotten) = (Vec::new(), Vec::new(), Vec::new());
+        for o in candidates {
+            // Re-check under the sandbox's lock: a sandbox created or booting
+            // since the scan owns what looked orphaned. Busy ones wait for
+            // the next prune.
+            let l = o.vmid.map(|v| self.lock_of(v));
+            let _g = match &l {
+                Some(l) => match try_lock(l) {
+                    Some(g) => Some(g),
+                    None => continue,
+                },
+                None => None,
+            };
+            if !self.backend.orphans(&self.list(false)?).contains(&o) {
+                continue;
             }
-            for sb in self
-                .list(true)?
-                .into_iter()
-                .filter(|s| s.state == State::Destroyed)
-            {
-                self.store.remove(sb.vmid)?;
-                forgotten.push(sb.vmid);
-            }
-            let msg = format!(
-                "pruned {} orphans, forgot {} destroyed sandboxes",
-                orphans.len(),
-                forgotten.len()
-            );
-            if let Ok(ev) = self
-                .store
-                .append_event(EventDraft::new(None, "daemon.prune", msg))
-            {
-                self.bus.publish(BusItem::Event(ev));
+            match self.backend.remove_orphan(&o) {
+                Ok(()) => removed.push(o),
+                Err(e) => failed.push(crate::log::error_chain(&e)),
             }
         }
+        for sb in self
+            .list(true)?
+            .into_iter()
+            .filter(|s| s.state == State::Destroyed)
+        {
+            let l = self.lock_of(sb.vmid);
+            let Some(_g) = try_lock(&l) else { continue };
+            self.store.remove(sb.vmid)?;
+            forgotten.push(sb.vmid);
+        }
+        let msg = format!(
+            "pruned {} orphans, forgot {} destroyed sandboxes",
+            removed.len(),
+            forgotten.len()
+        );
+        self.append(EventDraft::new(None, "daemon.prune", msg));
         Ok(PruneResponse {
             dry_run,
-            orphans,
+            orphans: removed,
             failed,
             forgotten,
         })
@@ -707,70 +754,53 @@ impl Manager {
             }
         }
     }
+}
 
-    // ---- time ----------------------------------------------------------
-
-    /// Expires leases and enforces boot deadlines. Called about once a second.
-    pub fn tick(&self) {
-        let Ok(all) = self.store.list() else { return };
-        let now = Timestamp::now();
-        for sb in all {
-            if sb.lease_expired(now) || sb.state == State::Timeout {
-                self.expire(sb.vmid);
-            } else if sb.state == State::Booting {
-                let late = sb
-                    .runtime
-                    .as_ref()
-                    .is_some_and(|r| r.started_at.plus(self.cfg.boot_timeout) <= now);
-                if late {
-                    self.boot_timed_out(sb.vmid);
-                }
-            }
-        }
-    }
-
-    fn expire(&self, vmid: u32) {
-        let l = self.lock_of(vmid);
-        let _g = lock(&l);
-        let Ok(Some(mut sb)) = self.store.get(vmid) else {
-            return;
-        };
-        let now = Timestamp::now();
-        if sb.state != State::Timeout {
-            if !sb.lease_expired(now) {
-                return;
-            }
-            if self
-                .transition(&mut sb, State::Timeout, "lease expired")
-                .is_err()
-            {
-                return;
-            }
-        }
-        if let Err(e) = self.destroy_locked(&mut sb, false, "destroyed after lease expiry") {
-            crate::error!("sandbox {vmid}: teardown after lease expiry failed, will retry: {e}");
-        }
-    }
-
-    fn boot_timed_out(&self, vmid: u32) {
-        let l = self.lock_of(vmid);
-        let _g = lock(&l);
-        let Ok(Some(mut sb)) = self.store.get(vmid) else {
-            return;
-        };
-        if sb.state != State::Booting {
-            return;
-        }
-        let why = format!(
-            "the guest did not become ready within {}; see `agentlab logs {vmid}`",
-            crate::time::format_duration(self.cfg.boot_timeout)
-        );
-        self.fail(&mut sb, &why);
+/// A freshly requested sandbox record.
+fn new_record(
+    vmid: u32,
+    req: &CreateRequest,
+    profile: &Profile,
+    ttl: Option<Duration>,
+    backend: &str,
+) -> Sandbox {
+    let now = Timestamp::now();
+    Sandbox {
+        vmid,
+        name: req.name.clone().unwrap_or_else(|| format!("sbx-{vmid}")),
+        profile: profile.name.clone(),
+        state: State::Requested,
+        backend: backend.to_string(),
+        keepalive: req.keepalive.unwrap_or(profile.behavior.keepalive_default),
+        ttl_seconds: ttl.map(|t| t.as_secs()),
+        lease_expires_at: ttl.map(|t| now.plus(t)),
+        created_at: now,
+        updated_at: now,
+        resources: model::Resources {
+            cores: profile.resources.cores,
+            memory_mb: profile.resources.memory_mb,
+        },
+        ready_on: String::new(),
+        disk: None,
+        runtime: None,
+        mac: model::mac_for(vmid),
+        ip: None,
+        last_error: None,
+        spec: serde_json::to_value(profile).unwrap_or_default(),
     }
 }
 
 fn current_pid(sb: &Sandbox) -> Option<u32> {
     sb.runtime.as_ref().map(|r| r.pid)
+}
+
+/// The lock if nobody holds it (a poisoned lock is still usable).
+pub(crate) fn try_lock<T>(m: &Mutex<T>) -> Option<std::sync::MutexGuard<'_, T>> {
+    match m.try_lock() {
+        Ok(g) => Some(g),
+        Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -2,10 +2,11 @@
 //!
 //! `run` puts it together: one daemon per data dir (a lock file), the sled
 //! store, the backend with the manager as its event sink, the reconciler,
-//! then the API loop until SIGTERM/SIGINT. Sandboxes keep running when the
+//! then the API loop until SIGTERM, SIGINT or SIGHUP. Sandboxes keep running when the
 //! daemon stops; the next daemon adopts them.
 
 pub mod bus;
+pub mod lease;
 pub mod manager;
 pub mod reconcile;
 
@@ -151,7 +152,7 @@ impl Daemon {
     }
 }
 
-/// `agentlab daemon`: blocks SIGTERM/SIGINT into a signalfd and serves.
+/// `agentlab daemon`: blocks SIGTERM, SIGINT and SIGHUP into a signalfd and serves.
 pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let signals = block_signals()?;
     crate::info!(

@@ -2,19 +2,27 @@
 //!
 //! - A sandbox whose VM should run and still does is adopted: QMP and the
 //!   console are reconnected, and its lease keeps counting (leases live in
-//!   sled, so `tick` re-arms them by itself).
+//!   sled, so `tick` re-arms them by itself). The backend finds the VM by its
+//!   recorded pid, or, if the daemon died before recording it, by the VMID in
+//!   QEMU's argv; a VM it cannot watch again is stopped.
 //! - A sandbox whose VM vanished while the daemon was away is marked FAILED
 //!   with that reason; its disk is kept, so `sandbox start` brings it back.
 //! - A sandbox caught mid-provisioning is marked FAILED; overlays are written
-//!   atomically, so there is either a whole one or none.
+//!   atomically, so there is either a whole one or none, and `revert` or
+//!   `start` makes what is missing.
 //! - Orphans (QEMU processes and directories no record owns) are left alone
 //!   and listed by `agentlab status`; `agentlab sandbox prune` removes them.
+//!
+//! Known gap: a BOOTING sandbox whose guest printed its ready line while no
+//! daemon was listening stays BOOTING until its boot deadline (QEMU drops
+//! console output nobody reads). Readiness through the guest agent, which
+//! can be asked again at any time, closes this.
 
 use serde_json::json;
 
 use super::manager::Manager;
 use crate::backend::Adoption;
-use crate::model::{EventDraft, State};
+use crate::model::{EventDraft, Sandbox, State};
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Report {
@@ -29,64 +37,30 @@ pub fn reconcile(m: &Manager) -> Report {
     let Ok(all) = m.store().list() else {
         return report;
     };
-    for mut sb in all {
+    for sb in all {
         match sb.state {
-            State::Requested | State::Provisioning => {
-                sb.last_error = Some("interrupted: agentlabd stopped while provisioning".into());
-                sb.runtime = None;
-                let _ = m.transition(
-                    &mut sb,
-                    State::Failed,
-                    "provisioning interrupted by a daemon restart",
-                );
-                report.interrupted.push(sb.vmid);
-            }
-            s if s.vm_expected() => match m.backend().adopt(&sb) {
-                Ok(Adoption::Running(rt)) => {
-                    m.note(
-                        &sb,
-                        "sandbox.adopted",
-                        &format!("adopted after daemon restart (pid {})", rt.pid),
-                        json!({"pid": rt.pid}),
-                    );
-                    report.adopted.push(sb.vmid);
-                }
-                Ok(Adoption::Gone) => {
-                    sb.runtime = None;
-                    let why = "the hypervisor exited while agentlabd was not running";
-                    sb.last_error = Some(why.into());
-                    let _ = m.transition(&mut sb, State::Failed, why);
-                    report.vanished.push(sb.vmid);
-                }
-                Err(e) => {
-                    let why = format!(
-                        "cannot re-attach after daemon restart: {}",
-                        crate::log::error_chain(&e)
-                    );
-                    crate::error!("sandbox {}: {why}", sb.vmid);
-                    sb.runtime = None;
-                    sb.last_error = Some(why.clone());
-                    let _ = m.transition(&mut sb, State::Failed, &why);
-                    report.vanished.push(sb.vmid);
-                }
+            State::Requested | State::Provisioning => report.interrupted.push(interrupted(m, sb)),
+            s if s.vm_expected() => match adopt(m, sb) {
+                (vmid, true) => report.adopted.push(vmid),
+                (vmid, false) => report.vanished.push(vmid),
             },
             State::Stopped | State::Failed if sb.runtime.is_some() => {
+                let mut sb = sb;
                 sb.runtime = None;
-                let _ = m.store().write(
-                    &sb,
-                    None,
-                    EventDraft::new(
-                        Some(sb.vmid),
-                        "sandbox.reconcile",
-                        "cleared a stale runtime record",
-                    ),
+                let draft = EventDraft::new(
+                    Some(sb.vmid),
+                    "sandbox.reconcile",
+                    "cleared a stale runtime record",
                 );
+                let _ = m.record(&sb, draft);
             }
             _ => {}
         }
     }
-    let live: Vec<_> = m.list(false).unwrap_or_default();
-    report.orphans = m.backend().orphans(&live).len();
+    report.orphans = m
+        .backend()
+        .orphans(&m.list(false).unwrap_or_default())
+        .len();
     let msg = format!(
         "agentlabd {} started: {} adopted, {} vanished, {} interrupted, {} orphans",
         env!("CARGO_PKG_VERSION"),
@@ -96,11 +70,49 @@ pub fn reconcile(m: &Manager) -> Report {
         report.orphans
     );
     crate::info!("{msg}");
-    if let Ok(ev) = m
-        .store()
-        .append_event(EventDraft::new(None, "daemon.start", msg))
-    {
-        m.bus().publish(crate::daemon::bus::BusItem::Event(ev));
-    }
+    m.append(EventDraft::new(None, "daemon.start", msg));
     report
+}
+
+/// Marks a sandbox caught mid-provisioning FAILED; returns its VMID.
+fn interrupted(m: &Manager, mut sb: Sandbox) -> u32 {
+    sb.last_error = Some("interrupted: agentlabd stopped while provisioning".into());
+    sb.runtime = None;
+    let _ = m.transition(
+        &mut sb,
+        State::Failed,
+        "provisioning interrupted by a daemon restart",
+    );
+    sb.vmid
+}
+
+/// Adopts the sandbox's VM or marks it FAILED; returns (vmid, adopted).
+fn adopt(m: &Manager, mut sb: Sandbox) -> (u32, bool) {
+    let vmid = sb.vmid;
+    let why = match m.backend().adopt(&sb) {
+        Ok(Adoption::Running(rt)) => {
+            let draft = EventDraft::new(
+                Some(vmid),
+                "sandbox.adopted",
+                format!("adopted after daemon restart (pid {})", rt.pid),
+            )
+            .with_data(json!({"pid": rt.pid}));
+            sb.runtime = Some(rt);
+            let _ = m.record(&sb, draft);
+            return (vmid, true);
+        }
+        Ok(Adoption::Gone) => "the hypervisor exited while agentlabd was not running".to_string(),
+        Err(e) => {
+            let why = format!(
+                "cannot re-attach after daemon restart: {}",
+                crate::log::error_chain(&e)
+            );
+            crate::error!("sandbox {vmid}: {why}");
+            why
+        }
+    };
+    sb.runtime = None;
+    sb.last_error = Some(why.clone());
+    let _ = m.transition(&mut sb, State::Failed, &why);
+    (vmid, false)
 }

@@ -93,13 +93,24 @@ pub fn main(args: &[String]) -> ExitCode {
         }
     };
     let GuestCommand::GrowRoot(grow) = parsed.command;
+    // Growing a filesystem to fill its device is right for a fresh sandbox
+    // disk and wrong on a host that happens to run this binary as root.
+    if !running_in_initramfs() {
+        eprintln!(
+            "agentlab guest grow-root: refusing: this runs only in the default guest's initramfs, and / here is not one"
+        );
+        return ExitCode::from(2);
+    }
     match grow_root(&grow.mountpoint) {
         Ok(report) => {
             println!("grow-root: {report}");
             ExitCode::SUCCESS
         }
         Err(err) => {
-            eprintln!("agentlab guest grow-root: {}", error_chain(&err));
+            eprintln!(
+                "agentlab guest grow-root: {}",
+                crate::log::error_chain(&err)
+            );
             ExitCode::FAILURE
         }
     }
@@ -237,14 +248,15 @@ fn gib(bytes: u64) -> String {
 }
 
 /// `what failed: why: root cause`, for the one line on the console.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut line = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        line.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    line
+/// `statfs(2)` magic numbers of the filesystems an initramfs root can be
+/// (`include/uapi/linux/magic.h`): grow-root refuses to run anywhere else.
+const RAMFS_MAGIC: u64 = 0x8584_58f6;
+const TMPFS_MAGIC: u64 = 0x0102_1994;
+
+/// True when `/` is an initramfs (ramfs or tmpfs), as in the default guest's
+/// early boot, and not a host's real root filesystem.
+fn running_in_initramfs() -> bool {
+    rustix::fs::statfs("/").is_ok_and(|st| matches!(st.f_type as u64, RAMFS_MAGIC | TMPFS_MAGIC))
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use std::fs::{self, File};
 use std::io::{self, BufWriter, Read};
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use super::cpio::{CpioError, CpioWriter};
 use super::elf::{self, ElfError, Linkage};
@@ -179,6 +179,14 @@ pub enum GuestImageError {
     },
     #[error("mke2fs not found; install it: apt-get install e2fsprogs")]
     NoMke2fs,
+    #[error("kernel module {module} is compressed and {tool} cannot unpack it (install it: apt-get install {package})")]
+    Decompress {
+        module: String,
+        tool: &'static str,
+        package: &'static str,
+        #[source]
+        source: io::Error,
+    },
     #[error("a {size}-byte disk is too small; the default guest needs at least 64 MiB")]
     DiskTooSmall { size: u64 },
     #[error("cannot run {program}")]
@@ -333,6 +341,32 @@ fn find_program(name: &str) -> Option<PathBuf> {
 }
 
 /// Writes the initramfs and returns its size in bytes.
+/// The module's plain bytes when it is compressed on the host, else None
+/// (the file goes into the archive as it is).
+fn decompress(m: &ModulePath, modules_dir: &Path) -> Result<Option<Vec<u8>>, GuestImageError> {
+    let Some(c) = m.compression else {
+        return Ok(None);
+    };
+    let (tool, package) = c.tool();
+    let fail = |source: io::Error| GuestImageError::Decompress {
+        module: m.name.clone(),
+        tool,
+        package,
+        source,
+    };
+    let out = Command::new(tool)
+        .arg("-dc")
+        .arg(modules_dir.join(&m.path))
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(fail)?;
+    if !out.status.success() {
+        let why = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        return Err(fail(io::Error::other(why)));
+    }
+    Ok(Some(out.stdout))
+}
+
 fn write_initramfs(
     path: &Path,
     opts: &BuildOptions,
@@ -344,6 +378,11 @@ fn write_initramfs(
         .iter()
         .map(|m| format!("{}\n", m.file_name()))
         .collect();
+    // busybox insmod loads only plain .ko files: unpack compressed ones now.
+    let unpacked: Vec<Option<Vec<u8>>> = modules
+        .iter()
+        .map(|m| decompress(m, &kernel.modules_dir))
+        .collect::<Result<_, _>>()?;
     let write = || -> Result<File, CpioError> {
         let mut cpio = CpioWriter::new(BufWriter::new(file));
         for dir in ["bin", "dev", "lib", "lib/modules", "newroot", "proc", "sys"] {
@@ -352,9 +391,12 @@ fn write_initramfs(
         cpio.add_char_device("dev/console", 0o600, 5, 1)?;
         cpio.add_file("init", 0o755, INIT_SCRIPT.as_bytes())?;
         cpio.add_host_file("bin/busybox", 0o755, &opts.busybox)?;
-        for module in modules {
+        for (module, bytes) in modules.iter().zip(&unpacked) {
             let name = format!("lib/modules/{}", module.file_name());
-            cpio.add_host_file(&name, 0o644, &kernel.modules_dir.join(&module.path))?;
+            match bytes {
+                Some(b) => cpio.add_file(&name, 0o644, b)?,
+                None => cpio.add_host_file(&name, 0o644, &kernel.modules_dir.join(&module.path))?,
+            }
         }
         cpio.add_file("lib/modules/load-order", 0o644, load_order.as_bytes())?;
         cpio.add_host_file("agentlab", 0o755, &opts.agent_binary)?;
@@ -765,5 +807,29 @@ mod tests {
         assert_eq!(disk_mode & 0o777, 0o444);
         assert_eq!(lines.len(), 3);
         assert_eq!(lines[2], "building default guest: root disk (64 MiB, ext4)");
+    }
+
+    #[test]
+    fn compressed_modules_are_unpacked_for_insmod() {
+        let dir = std::env::temp_dir().join(format!("agentlab-kmod-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("kernel")).unwrap();
+        let payload = b"\x7fELF pretend module bytes".to_vec();
+        for (tool, file) in [("xz", "a.ko"), ("gzip", "b.ko")] {
+            std::fs::write(dir.join("kernel").join(file), &payload).unwrap();
+            let ok = Command::new(tool)
+                .arg(dir.join("kernel").join(file))
+                .status()
+                .unwrap();
+            assert!(ok.success());
+        }
+        let dep = "kernel/a.ko.xz: kernel/b.ko.gz\nkernel/b.ko.gz:\n";
+        let mods = crate::image::kmod::closure(&["a"], dep, "").unwrap();
+        let unpacked: Vec<Vec<u8>> = mods
+            .iter()
+            .map(|m| decompress(m, &dir).unwrap().unwrap())
+            .collect();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(unpacked, vec![payload.clone(), payload]);
     }
 }

@@ -14,8 +14,37 @@
 
 use std::collections::{HashMap, HashSet};
 
-/// Suffixes a module file may carry; only the first is loadable by busybox insmod.
+/// Suffixes a module file may carry. busybox insmod loads only plain `.ko`,
+/// so the image builder decompresses the others.
 const SUFFIXES: [&str; 4] = [".ko", ".ko.xz", ".ko.zst", ".ko.gz"];
+
+/// How a module file is compressed (Debian 13 uses xz, Ubuntu zstd).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    Xz,
+    Zstd,
+    Gzip,
+}
+
+impl Compression {
+    fn of(path: &str) -> Option<Compression> {
+        match path.rsplit_once(".ko") {
+            Some((_, ".xz")) => Some(Compression::Xz),
+            Some((_, ".zst")) => Some(Compression::Zstd),
+            Some((_, ".gz")) => Some(Compression::Gzip),
+            _ => None,
+        }
+    }
+
+    /// The program that decompresses it to stdout with `-dc`, and its package.
+    pub fn tool(self) -> (&'static str, &'static str) {
+        match self {
+            Compression::Xz => ("xz", "xz-utils"),
+            Compression::Zstd => ("zstd", "zstd"),
+            Compression::Gzip => ("gzip", "gzip"),
+        }
+    }
+}
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum KmodError {
@@ -23,8 +52,6 @@ pub enum KmodError {
     NotFound { module: String },
     #[error("modules.dep lists {dependency} as a dependency of {module} but has no entry for it; run depmod for this kernel")]
     MissingDependency { module: String, dependency: String },
-    #[error("module {module} is compressed ({path}); busybox insmod in the guest loads only plain .ko files, so use a kernel package whose modules are uncompressed (Debian's linux-image-cloud-amd64 is)")]
-    Compressed { module: String, path: String },
     #[error("modules.dep has a dependency cycle through {module}")]
     Cycle { module: String },
 }
@@ -34,14 +61,20 @@ pub enum KmodError {
 pub struct ModulePath {
     /// Name with `_` for `-`, as `lsmod` shows it: `virtio_rng`.
     pub name: String,
-    /// As in modules.dep: `kernel/drivers/char/hw_random/virtio-rng.ko`.
+    /// As in modules.dep: `kernel/drivers/char/hw_random/virtio-rng.ko.xz`.
     pub path: String,
+    /// Set when the file must be decompressed before insmod can load it.
+    pub compression: Option<Compression>,
 }
 
 impl ModulePath {
-    /// The file name alone: `virtio-rng.ko`.
+    /// The loadable file name in the guest: `virtio-rng.ko`, compressed or not on the host.
     pub fn file_name(&self) -> &str {
-        self.path.rsplit('/').next().unwrap_or(&self.path)
+        let base = self.path.rsplit('/').next().unwrap_or(&self.path);
+        match base.rfind(".ko") {
+            Some(i) => &base[..i + 3],
+            None => base,
+        }
     }
 }
 
@@ -71,18 +104,11 @@ pub fn closure(wanted: &[&str], dep: &str, builtin: &str) -> Result<Vec<ModulePa
     walk.order
         .into_iter()
         .map(|path| {
-            let name = module_name(path).unwrap_or_default();
-            if path.ends_with(".ko") {
-                Ok(ModulePath {
-                    name,
-                    path: path.to_string(),
-                })
-            } else {
-                Err(KmodError::Compressed {
-                    module: name,
-                    path: path.to_string(),
-                })
-            }
+            Ok(ModulePath {
+                name: module_name(path).unwrap_or_default(),
+                path: path.to_string(),
+                compression: Compression::of(path),
+            })
         })
         .collect()
 }
@@ -260,23 +286,22 @@ kernel/net/core/failover.ko:
     }
 
     #[test]
-    fn compressed_module_says_insmod_cannot_load_it() {
+    fn compressed_modules_say_how_and_load_as_plain_ko() {
         let dep = "kernel/a.ko.xz: kernel/b.ko.zst\nkernel/b.ko.zst:\n";
-        let err = closure(&["a"], dep, "").unwrap_err();
-        assert_eq!(
-            err,
-            KmodError::Compressed {
-                module: "b".into(),
-                path: "kernel/b.ko.zst".into()
-            }
-        );
-        assert!(err.to_string().contains("busybox insmod"));
+        let mods = closure(&["a"], dep, "").unwrap();
+        assert_eq!(mods[0].compression, Some(Compression::Zstd));
+        assert_eq!(mods[0].file_name(), "b.ko");
+        assert_eq!(mods[1].compression, Some(Compression::Xz));
+        assert_eq!(mods[1].file_name(), "a.ko");
     }
 
     #[test]
     fn compressed_names_still_match() {
-        let err = closure(&["c"], "kernel/c.ko.gz:\n", "").unwrap_err();
-        assert!(matches!(err, KmodError::Compressed { module, .. } if module == "c"));
+        let mods = closure(&["c"], "kernel/c.ko.gz:\n", "").unwrap();
+        assert_eq!(
+            (mods[0].name.as_str(), mods[0].compression),
+            ("c", Some(Compression::Gzip))
+        );
     }
 
     #[test]

@@ -83,6 +83,12 @@ pub enum ImageError {
     },
     #[error("image {name:?}: {path} is missing")]
     MissingFile { name: String, path: PathBuf },
+    #[error("image {name:?}: {path} leads to {target}, outside the images directory; images may only use files inside it")]
+    Outside {
+        name: String,
+        path: PathBuf,
+        target: PathBuf,
+    },
     #[error("image {name:?} is not usable")]
     Invalid {
         name: String,
@@ -157,16 +163,34 @@ impl ImageStore {
             path: dir.join("image.json"),
             source,
         })?;
+        // A manifest may only name files beside it, and they must stay inside
+        // the images directory once symlinks are followed: QEMU reads the
+        // kernel and initrd before dropping privileges.
+        let root = self
+            .dir
+            .canonicalize()
+            .map_err(|_| ImageError::MissingFile {
+                name: name.to_string(),
+                path: self.dir.clone(),
+            })?;
         let file = |rel: &str| -> Result<PathBuf, ImageError> {
             let p = dir.join(rel);
-            // A manifest may only point at files beside it.
+            let missing = || ImageError::MissingFile {
+                name: name.to_string(),
+                path: p.clone(),
+            };
             if rel.contains('/') || !p.is_file() {
-                return Err(ImageError::MissingFile {
+                return Err(missing());
+            }
+            let real = p.canonicalize().map_err(|_| missing())?;
+            if !real.starts_with(&root) {
+                return Err(ImageError::Outside {
                     name: name.to_string(),
-                    path: p,
+                    path: p.clone(),
+                    target: real,
                 });
             }
-            Ok(p)
+            Ok(real)
         };
         let disk = file(&m.disk)?;
         let info = qcow::inspect_base(&disk, &self.dir).map_err(|source| ImageError::Invalid {
@@ -266,6 +290,25 @@ mod tests {
         let s = ImageStore::new(Path::new("/nonexistent"));
         assert!(matches!(s.resolve("../etc"), Err(ImageError::BadName(_))));
         assert!(matches!(s.resolve(".hidden"), Err(ImageError::BadName(_))));
+    }
+
+    #[test]
+    fn manifest_files_may_not_point_outside_the_images_dir() {
+        let dir = std::env::temp_dir().join(format!("agentlab-imgstore-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let img = dir.join("images/evil");
+        std::fs::create_dir_all(&img).unwrap();
+        std::fs::write(dir.join("secret"), b"x").unwrap();
+        std::os::unix::fs::symlink(dir.join("secret"), img.join("initramfs.cpio")).unwrap();
+        std::fs::write(img.join("vmlinuz"), b"k").unwrap();
+        std::fs::write(img.join("rootfs.raw"), vec![0u8; 4096]).unwrap();
+        let manifest = r#"{"name":"evil","format":"raw","disk":"rootfs.raw","kernel":"vmlinuz","initrd":"initramfs.cpio","cmdline":"","ready_on":"running","virtual_size":4096,"kernel_version":null,"built_at":"2026-01-01T00:00:00.000Z","agentlab_version":"0"}"#;
+        std::fs::write(img.join("image.json"), manifest).unwrap();
+        let err = ImageStore::new(&dir.join("images"))
+            .resolve("evil")
+            .unwrap_err();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(matches!(err, ImageError::Outside { .. }), "{err}");
     }
 
     #[test]

@@ -61,66 +61,117 @@ pub fn process_name(vmid: u32) -> String {
 }
 
 pub fn argv(spec: &VmSpec<'_>) -> Vec<String> {
-    let mut a: Vec<String> = Vec::new();
-    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
-    let sock = |name: &str| spec.run_dir.join(name).display().to_string();
-    let name = format!("guest={},debug-threads=on", process_name(spec.vmid));
-    push(&["-name", &name]);
-    push(&["-machine", "q35,smm=off,vmport=off,dump-guest-core=off"]);
-    match spec.accel {
-        AccelKind::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
-        AccelKind::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
+    let mut a = Vec::new();
+    machine(spec, &mut a);
+    confinement(spec, &mut a);
+    sockets(spec, &mut a);
+    for node in blockdev_nodes(spec) {
+        push(&mut a, &["-blockdev", &node]);
     }
-    let mem = spec.memory_mb.to_string();
-    let smp = spec.cores.to_string();
-    push(&["-m", &mem, "-smp", &smp]);
-    push(&[
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-vga",
-        "none",
-    ]);
-    push(&["-no-reboot", "-msg", "timestamp=on"]);
-    push(&[
-        "-sandbox",
-        "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny",
-    ]);
+    push(
+        &mut a,
+        &["-device", "virtio-blk-pci,drive=root,id=vda,bootindex=1"],
+    );
+    direct_boot(spec, &mut a);
+    a
+}
+
+fn push(a: &mut Vec<String>, items: &[&str]) {
+    a.extend(items.iter().map(|s| s.to_string()));
+}
+
+/// Name, machine type, accelerator, CPU, memory; nothing QEMU adds by default.
+fn machine(spec: &VmSpec<'_>, a: &mut Vec<String>) {
+    let name = format!("guest={},debug-threads=on", process_name(spec.vmid));
+    push(a, &["-name", &name]);
+    push(
+        a,
+        &["-machine", "q35,smm=off,vmport=off,dump-guest-core=off"],
+    );
+    match spec.accel {
+        AccelKind::Kvm => push(a, &["-accel", "kvm", "-cpu", "host"]),
+        AccelKind::Tcg => push(a, &["-accel", "tcg", "-cpu", "max"]),
+    }
+    let (mem, smp) = (spec.memory_mb.to_string(), spec.cores.to_string());
+    push(a, &["-m", &mem, "-smp", &smp]);
+    push(
+        a,
+        &[
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-vga",
+            "none",
+        ],
+    );
+    push(a, &["-no-reboot", "-msg", "timestamp=on"]);
+    push(a, &["-object", "rng-random,id=rng0,filename=/dev/urandom"]);
+    push(a, &["-device", "virtio-rng-pci,rng=rng0"]);
+}
+
+/// Seccomp as Incus runs it, and the drop to an unprivileged user.
+fn confinement(spec: &VmSpec<'_>, a: &mut Vec<String>) {
+    push(
+        a,
+        &[
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny",
+        ],
+    );
     if let Some(user) = spec.run_as {
         if (spec.version.major, spec.version.minor) >= (9, 1) {
-            push(&["-run-with", &format!("user={user}")]);
+            push(a, &["-run-with", &format!("user={user}")]);
         } else {
-            push(&["-runas", user]);
+            push(a, &["-runas", user]);
         }
     }
-    let pidfile = sock(PID_FILE);
-    push(&["-pidfile", &pidfile]);
+}
 
-    let qmp = format!("socket,id=qmp0,path={},server=on,wait=off", sock(QMP_SOCK));
-    push(&["-chardev", &qmp, "-mon", "chardev=qmp0,mode=control"]);
-    let con = format!(
-        "socket,id=con0,path={},server=on,wait=off",
-        sock(CONSOLE_SOCK)
+/// Pidfile, QMP, the serial console and the guest-agent port, all in the run dir.
+fn sockets(spec: &VmSpec<'_>, a: &mut Vec<String>) {
+    let sock = |name: &str| spec.run_dir.join(name).display().to_string();
+    let server =
+        |id: &str, name: &str| format!("socket,id={id},path={},server=on,wait=off", sock(name));
+    push(a, &["-pidfile", &sock(PID_FILE)]);
+    push(
+        a,
+        &[
+            "-chardev",
+            &server("qmp0", QMP_SOCK),
+            "-mon",
+            "chardev=qmp0,mode=control",
+        ],
     );
-    push(&["-chardev", &con, "-serial", "chardev:con0"]);
-    let qga = format!(
-        "socket,id=qga0,path={},server=on,wait=off",
-        sock(AGENT_SOCK)
+    push(
+        a,
+        &[
+            "-chardev",
+            &server("con0", CONSOLE_SOCK),
+            "-serial",
+            "chardev:con0",
+        ],
     );
-    push(&["-device", "virtio-serial-pci,id=vser0", "-chardev", &qga]);
-    push(&[
-        "-device",
-        "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
-    ]);
-    push(&["-object", "rng-random,id=rng0,filename=/dev/urandom"]);
-    push(&["-device", "virtio-rng-pci,rng=rng0"]);
+    push(
+        a,
+        &[
+            "-device",
+            "virtio-serial-pci,id=vser0",
+            "-chardev",
+            &server("qga0", AGENT_SOCK),
+        ],
+    );
+    push(
+        a,
+        &[
+            "-device",
+            "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
+        ],
+    );
+}
 
-    for node in blockdev_nodes(spec) {
-        push(&["-blockdev", &node]);
-    }
-    push(&["-device", "virtio-blk-pci,drive=root,id=vda,bootindex=1"]);
-
+/// `-kernel`/`-initrd`/`-append` for images that boot a kernel directly.
+fn direct_boot(spec: &VmSpec<'_>, a: &mut Vec<String>) {
     if let Boot::Kernel {
         kernel,
         initrd,
@@ -132,9 +183,8 @@ pub fn argv(spec: &VmSpec<'_>) -> Vec<String> {
             spec.hostname, spec.vmid
         );
         let (k, i) = (kernel.display().to_string(), initrd.display().to_string());
-        push(&["-kernel", &k, "-initrd", &i, "-append", append.trim()]);
+        push(a, &["-kernel", &k, "-initrd", &i, "-append", append.trim()]);
     }
-    a
 }
 
 /// One `file` node and one format node per image, bottom-up, then the

@@ -63,11 +63,19 @@ fn clean(raw: &[u8]) -> String {
                 }
             }
             '\t' => out.push(c),
-            c if c.is_control() => {}
+            c if c.is_control() || is_invisible_format(c) => {}
             c => out.push(c),
         }
     }
     out
+}
+
+/// Bidirectional overrides and zero-width characters: a guest could use them
+/// to make a logged line read differently from what it says (Trojan Source).
+fn is_invisible_format(c: char) -> bool {
+    matches!(c,
+        '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
 }
 
 /// Appends timestamped lines to `console.log`, rotating at a size cap.
@@ -171,6 +179,15 @@ mod tests {
         let mut s = LineSplitter::default();
         let lines = s.feed(b"\x1b[6n/ # ls\x07\tx\n");
         assert_eq!(lines, vec!["/ # ls\tx"]);
+    }
+
+    #[test]
+    fn bidi_overrides_and_zero_width_characters_are_removed() {
+        let mut s = LineSplitter::default();
+        assert_eq!(
+            s.feed("ok\u{202E}gnp.exe\u{200B}\n".as_bytes()),
+            vec!["okgnp.exe"]
+        );
     }
 
     #[test]

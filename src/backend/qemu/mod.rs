@@ -25,7 +25,7 @@ use super::{
 use crate::config::{Accel, Config, Profile};
 use crate::image::default_guest;
 use crate::image::store::{Image, ImageStore, DEFAULT_IMAGE};
-use crate::model::{Disk, Runtime, Sandbox};
+use crate::model::{Disk, Runtime, Sandbox, State};
 use crate::qcow;
 use crate::qmp::QemuVersion;
 use crate::sys::process::{self, Signal};
@@ -37,7 +37,7 @@ pub struct QemuBackend {
     binary: String,
     accel: AccelKind,
     accel_reason: String,
-    run_as: Option<String>,
+    run_as: RunAs,
     images: ImageStore,
     images_dir: PathBuf,
     kernel: Option<PathBuf>,
@@ -54,13 +54,18 @@ impl QemuBackend {
     pub fn new(cfg: &Config, sink: EventSink) -> QemuBackend {
         let (accel, accel_reason) =
             choose_accel(cfg.accel, std::env::var("AGENTLAB_ACCEL").ok().as_deref());
-        // `root` means: do not drop privileges. Default: the `nobody` user,
-        // so a QEMU escape does not land as root.
+        // Who QEMU runs as after it has opened its files: by default a uid of
+        // its own per sandbox (200000 + VMID), so an escape from one guest
+        // cannot signal or read another sandbox's QEMU. `qemu_user: <name>`
+        // pins a named user; `root` keeps root.
         let run_as = match cfg.qemu_user.as_deref() {
-            Some("root") => None,
-            Some(u) => Some(u.to_string()),
-            None => Some("nobody".to_string()),
+            Some("root") => RunAs::Root,
+            Some(u) => RunAs::User(u.to_string()),
+            None => RunAs::PerSandbox,
         };
+        if let Some(bad) = accel_env_typo() {
+            crate::warn!("ignoring AGENTLAB_ACCEL={bad:?}: use kvm, tcg or auto");
+        }
         QemuBackend {
             binary: cfg.qemu_binary.clone(),
             accel,
@@ -158,7 +163,7 @@ impl QemuBackend {
             image,
             overlay: &overlay,
             run_dir: &paths.run_dir,
-            run_as: self.run_as.as_deref(),
+            run_as: self.run_as.for_vmid(sb.vmid).as_deref(),
             version,
         });
         Ok(LaunchSpec {
@@ -223,6 +228,39 @@ impl QemuBackend {
     }
 }
 
+/// Who a sandbox's QEMU runs as once it has opened its files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum RunAs {
+    Root,
+    User(String),
+    /// uid = gid = `SANDBOX_UID_BASE` + VMID.
+    PerSandbox,
+}
+
+/// Sandbox uids start here: above the 16-bit range distributions hand out
+/// and below the ranges container runtimes usually reserve (subuid 100000+
+/// blocks are 65536 wide).
+const SANDBOX_UID_BASE: u32 = 200_000;
+
+impl RunAs {
+    /// The `-runas`/`-run-with user=` argument, if privileges are dropped.
+    fn for_vmid(&self, vmid: u32) -> Option<String> {
+        match self {
+            RunAs::Root => None,
+            RunAs::User(u) => Some(u.clone()),
+            RunAs::PerSandbox => {
+                let id = SANDBOX_UID_BASE + vmid;
+                Some(format!("{id}:{id}"))
+            }
+        }
+    }
+}
+
+fn accel_env_typo() -> Option<String> {
+    let v = std::env::var("AGENTLAB_ACCEL").ok()?;
+    Accel::parse(&v).is_none().then_some(v)
+}
+
 /// `…path=/run/agentlab/vms/1000/qmp.sock,…` → 1000, when `marker` is the vms dir.
 fn vmid_in_arg(arg: &str, marker: &str) -> Option<u32> {
     let rest = &arg[arg.find(marker)? + marker.len()..];
@@ -233,9 +271,9 @@ fn vmid_in_arg(arg: &str, marker: &str) -> Option<u32> {
 fn image_error(e: crate::image::store::ImageError) -> BackendError {
     use crate::image::store::ImageError;
     match e {
-        ImageError::Manifest { .. } | ImageError::MissingFile { .. } => {
-            BackendError::host_with("the image is damaged", e)
-        }
+        ImageError::Manifest { .. }
+        | ImageError::MissingFile { .. }
+        | ImageError::Outside { .. } => BackendError::host_with("the image is damaged", e),
         other => BackendError::User(crate::log::error_chain(&other)),
     }
 }
@@ -467,37 +505,81 @@ impl Backend for QemuBackend {
     }
 
     fn adopt(&self, sb: &Sandbox) -> Result<Adoption, BackendError> {
-        let Some(rt) = &sb.runtime else {
-            return Ok(Adoption::Gone);
-        };
-        let ours = self
+        // The recorded pid if it is still that process; otherwise any QEMU of
+        // ours for this VMID (a daemon that died between spawning QEMU and
+        // recording it leaves no usable runtime record).
+        let mine: Vec<u32> = self
             .our_processes()
-            .iter()
-            .any(|&(pid, vmid)| pid == rt.pid && vmid == sb.vmid);
-        let same_process = process::start_ticks(rt.pid) == Some(rt.pid_start_ticks);
-        if !(ours && same_process) {
-            let (_, paths) = self.paths(sb.vmid);
-            vm::clean_run_dir(&paths.run_dir);
-            return Ok(Adoption::Gone);
+            .into_iter()
+            .filter(|&(_, vmid)| vmid == sb.vmid)
+            .map(|(pid, _)| pid)
+            .collect();
+        let recorded = sb.runtime.as_ref().filter(|rt| {
+            mine.contains(&rt.pid) && process::start_ticks(rt.pid) == Some(rt.pid_start_ticks)
+        });
+        let pid = match (recorded, mine.first()) {
+            (Some(rt), _) => rt.pid,
+            (None, Some(&pid)) => pid,
+            (None, None) => {
+                let (_, paths) = self.paths(sb.vmid);
+                vm::clean_run_dir(&paths.run_dir);
+                return Ok(Adoption::Gone);
+            }
+        };
+        // Two QEMUs on one sandbox cannot both be right; keep the one adopted.
+        for &other in mine.iter().filter(|&&p| p != pid) {
+            crate::warn!("sandbox {}: killing a second qemu (pid {other})", sb.vmid);
+            let _ = process::signal(other, Signal::Kill);
         }
-        let image = self.image_of(sb)?;
-        let version = self.qemu_version()?;
-        let spec = self.launch_spec(sb, &image, &version)?;
-        let vm = Vm::attach(spec, rt.pid, self.sink.clone())?;
+        let attached = self.image_of(sb).and_then(|image| {
+            let version = self.qemu_version()?;
+            let spec = self.launch_spec(sb, &image, &version)?;
+            Vm::attach(spec, pid, self.sink.clone())
+        });
+        let vm = match attached {
+            Ok(vm) => vm,
+            Err(e) => {
+                // A QEMU we cannot watch must not run on unseen.
+                let _ = process::signal(pid, Signal::Kill);
+                return Err(e);
+            }
+        };
         self.vms
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(sb.vmid, vm);
-        Ok(Adoption::Running(rt.clone()))
+        let (_, paths) = self.paths(sb.vmid);
+        Ok(Adoption::Running(Runtime {
+            pid,
+            pid_start_ticks: process::start_ticks(pid).unwrap_or(0),
+            accel: sb
+                .runtime
+                .as_ref()
+                .map(|r| r.accel.clone())
+                .unwrap_or_else(|| self.accel.as_str().to_string()),
+            run_dir: paths.run_dir.display().to_string(),
+            started_at: sb
+                .runtime
+                .as_ref()
+                .map(|r| r.started_at)
+                .unwrap_or_else(Timestamp::now),
+        }))
     }
 
     fn orphans(&self, live: &[Sandbox]) -> Vec<Orphan> {
         let mut out = Vec::new();
+        // A QEMU belongs to a live sandbox if it is the recorded one, or if
+        // the sandbox is still coming up and has no runtime recorded yet.
         let running = |vmid: u32, pid: u32| {
             live.iter().any(|s| {
                 s.vmid == vmid
-                    && s.state.vm_expected()
-                    && s.runtime.as_ref().is_some_and(|r| r.pid == pid)
+                    && match &s.runtime {
+                        Some(r) => s.state.vm_expected() && r.pid == pid,
+                        None => matches!(
+                            s.state,
+                            State::Requested | State::Provisioning | State::Booting
+                        ),
+                    }
             })
         };
         for (pid, vmid) in self.our_processes() {
@@ -568,16 +650,19 @@ impl Backend for QemuBackend {
         Ok(())
     }
 
-    fn console_log(&self, vmid: u32) -> Option<PathBuf> {
-        Some(self.paths(vmid).1.console_log)
+    fn console_tail(&self, vmid: u32, n: usize) -> Vec<(Timestamp, String)> {
+        console::read_tail(&self.paths(vmid).1.console_log, n)
     }
 
     fn console_write(&self, vmid: u32, data: &[u8]) -> Result<(), BackendError> {
         let vm = self
             .vm(vmid)
             .ok_or_else(|| BackendError::user(format!("sandbox {vmid} is not running")))?;
-        vm.console_write(data).map_err(|e| {
-            BackendError::host_with(format!("sandbox {vmid}: cannot write to the console"), e)
+        vm.console_write(data).map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => BackendError::user(
+                format!("sandbox {vmid}: the guest is not reading its console (input waited 5 s)"),
+            ),
+            _ => BackendError::host_with(format!("sandbox {vmid}: cannot write to the console"), e),
         })
     }
 

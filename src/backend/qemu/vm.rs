@@ -8,8 +8,11 @@
 //! - the exit watcher, which waits for the process to end (`waitpid` for our
 //!   own child, a pidfd for an adopted one) and reports how it ended.
 //!
-//! None of these threads takes a lock the daemon's operations hold while they
-//! wait on QMP, so an operation waiting for a reply can never deadlock them.
+//! Operations wait on two things only: QMP replies (the QMP reader never calls
+//! into the daemon) and the exit record (the exit watcher writes it first,
+//! before joining the console reader, which may be blocked reporting READY
+//! to a sandbox whose lock the waiting operation holds). So an operation
+//! holding a sandbox's lock always gets its answer.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -36,6 +39,11 @@ const QMP_APPEAR_TIMEOUT: Duration = Duration::from_secs(30);
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 /// What the exit report quotes of QEMU's stderr.
 const STDERR_TAIL: u64 = 4096;
+/// QEMU's own log stays small unless something is badly wrong; past this,
+/// one previous generation is kept.
+const QEMU_LOG_MAX: u64 = 1 << 20;
+/// How long console input may wait for a guest that is not reading.
+const CONSOLE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The kernel's panic banner; the console reader watches for it.
 const PANIC_LINE: &str = "Kernel panic - not syncing";
 
@@ -79,6 +87,7 @@ pub struct Vm {
 impl Vm {
     pub fn launch(spec: LaunchSpec, sink: EventSink) -> Result<Arc<Vm>, BackendError> {
         prepare_run_dir(&spec.paths.run_dir)?;
+        rotate_if_large(&spec.paths.qemu_log, QEMU_LOG_MAX);
         let mut log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -126,15 +135,12 @@ impl Vm {
                 return Err(e.with_stderr(&tail));
             }
         };
-        Ok(Vm::watch(
-            spec,
-            pid,
-            qmp,
-            shared,
-            Exit::Child(child),
-            log_offset,
-            sink,
-        ))
+        let run_dir = spec.paths.run_dir.clone();
+        Vm::watch(spec, pid, qmp, shared, Exit::Child(child), log_offset, sink).inspect_err(|_| {
+            // Without its console the sandbox could never report READY.
+            let _ = process::signal(pid, Signal::Kill);
+            clean_run_dir(&run_dir);
+        })
     }
 
     /// Re-attaches to a QEMU that survived a daemon restart.
@@ -149,7 +155,7 @@ impl Vm {
         let log_offset = std::fs::metadata(&spec.paths.qemu_log)
             .map(|m| m.len())
             .unwrap_or(0);
-        Ok(Vm::watch(
+        Vm::watch(
             spec,
             pid,
             qmp,
@@ -157,7 +163,7 @@ impl Vm {
             Exit::Adopted(pidfd),
             log_offset,
             sink,
-        ))
+        )
     }
 
     /// The common end of launch and attach: the console reader and exit watcher.
@@ -169,7 +175,7 @@ impl Vm {
         exit: Exit,
         log_offset: u64,
         sink: EventSink,
-    ) -> Arc<Vm> {
+    ) -> Result<Arc<Vm>, BackendError> {
         let vm = Arc::new(Vm {
             vmid: spec.vmid,
             pid,
@@ -177,9 +183,10 @@ impl Vm {
             console_in: Mutex::new(None),
             shared,
         });
-        let console = vm.start_console(&spec.paths, &spec.ready_on, spec.console_max, sink.clone());
+        let console =
+            vm.start_console(&spec.paths, &spec.ready_on, spec.console_max, sink.clone())?;
         vm.start_exit_watcher(exit, console, spec.paths, log_offset, sink);
-        vm
+        Ok(vm)
     }
 
     pub fn qmp(
@@ -242,7 +249,7 @@ impl Vm {
             Ok(())
         } else {
             Err(BackendError::host(format!(
-                "sandbox {}: qemu (pid {}) survived SIGKILL",
+                "sandbox {}: qemu (pid {}) was not seen to exit 10 s after SIGKILL",
                 self.vmid, self.pid
             )))
         }
@@ -254,8 +261,19 @@ impl Vm {
         ready_on: &str,
         max: u64,
         sink: EventSink,
-    ) -> Option<JoinHandle<()>> {
-        let stream = UnixStream::connect(paths.run_dir.join(CONSOLE_SOCK)).ok()?;
+    ) -> Result<JoinHandle<()>, BackendError> {
+        let sock = paths.run_dir.join(CONSOLE_SOCK);
+        let stream = UnixStream::connect(&sock).map_err(|e| {
+            let msg = format!(
+                "sandbox {}: cannot connect to its console {}",
+                self.vmid,
+                sock.display()
+            );
+            BackendError::host_with(msg, e)
+        })?;
+        // A guest that stops reading its serial port must not block the
+        // daemon's writers for ever.
+        let _ = stream.set_write_timeout(Some(CONSOLE_WRITE_TIMEOUT));
         *lock(&self.console_in) = stream.try_clone().ok();
         let marker = ready_on.strip_prefix("console:").map(str::to_string);
         let mut log = ConsoleLog::open(&paths.console_log, max);
@@ -263,13 +281,13 @@ impl Vm {
         std::thread::Builder::new()
             .name(format!("console-{vmid}"))
             .spawn(move || console_loop(stream, (vmid, pid), marker, &mut log, &shared, &sink))
-            .ok()
+            .map_err(|e| BackendError::host_with("cannot start the console reader", e))
     }
 
     fn start_exit_watcher(
         self: &Arc<Self>,
         exit: Exit,
-        console: Option<JoinHandle<()>>,
+        console: JoinHandle<()>,
         paths: VmPaths,
         log_offset: u64,
         sink: EventSink,
@@ -279,10 +297,9 @@ impl Vm {
             .name(format!("exit-{}", self.vmid))
             .spawn(move || {
                 let (code, signal) = exit.wait();
-                // The console socket closes with QEMU; let its last lines land first.
-                if let Some(h) = console {
-                    let _ = h.join();
-                }
+                // Record the exit before anything else: an operation holding
+                // the sandbox's lock may be waiting for it, while the console
+                // reader may be waiting for that lock to report READY.
                 let info = {
                     let (m, cv) = &*vm.shared;
                     let mut s = lock(m);
@@ -297,6 +314,14 @@ impl Vm {
                     s.exit = Some(info.clone());
                     cv.notify_all();
                     info
+                };
+                // The console socket closes with QEMU; let its last lines land
+                // before the exit is reported.
+                let _ = console.join();
+                // The panic banner may be among those last lines.
+                let info = ExitInfo {
+                    panicked: info.panicked || lock(&vm.shared.0).panicked,
+                    ..info
                 };
                 *lock(&vm.qmp) = None;
                 *lock(&vm.console_in) = None;
@@ -462,6 +487,14 @@ fn prepare_run_dir(dir: &Path) -> Result<(), BackendError> {
         .map_err(|e| BackendError::host_with(format!("cannot create {}", dir.display()), e))?;
     clean_run_dir(dir);
     Ok(())
+}
+
+fn rotate_if_large(path: &Path, max: u64) {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() > max) {
+        let mut old = path.as_os_str().to_owned();
+        old.push(".1");
+        let _ = std::fs::rename(path, old);
+    }
 }
 
 /// Removes the sockets and pidfile QEMU leaves behind.
