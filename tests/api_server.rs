@@ -179,3 +179,18 @@ fn event_stream_delivers_new_events() {
     assert!(got.contains("Transfer-Encoding: chunked"), "{got}");
     assert!(got.contains("\"kind\":\"daemon.prune\""), "{got}");
 }
+
+#[test]
+fn a_half_closed_client_still_gets_its_answer() {
+    let mut env = Env::new("halfclose", "");
+    env.start_daemon();
+    let mut s = UnixStream::connect(&env.socket).unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let a = String::from_utf8_lossy(&out);
+    assert!(status_line(&a).starts_with("HTTP/1.1 200"), "{a:?}");
+}

@@ -225,7 +225,7 @@ fn backing_file_outside_the_images_dir_is_refused() {
 }
 
 #[test]
-fn full_disk_while_writing_the_overlay_leaves_nothing_half_made() {
+fn full_disk_while_writing_the_overlay_leaves_nothing_half_made_and_revert_recovers() {
     let mut env = Env::new("full", "");
     env.start_daemon();
     env.ok(&["image", "build-default"]);
@@ -263,8 +263,20 @@ fn full_disk_while_writing_the_overlay_leaves_nothing_half_made() {
     let sb = &v.as_array().unwrap()[0];
     assert_eq!(sb["state"], "FAILED");
     assert!(sb["disk"].is_null());
-    // And it goes away cleanly.
-    env.ok(&["sandbox", "destroy", &sb["vmid"].to_string()]);
+    // With space back, revert makes the disk it never got, and it starts.
+    let vmid = sb["vmid"].to_string();
+    std::fs::remove_file(dir.join("filler")).unwrap();
+    let grown = Command::new("mount")
+        .args(["-o", "remount,size=8m"])
+        .arg(&dir)
+        .status()
+        .unwrap();
+    assert!(grown.success());
+    let out = env.ok(&["sandbox", "revert", &vmid]);
+    assert!(out.contains("left stopped"), "{out}");
+    assert_eq!(env.state(vmid.parse().unwrap()), "STOPPED");
+    env.ok(&["sandbox", "start", "--wait", &vmid]);
+    env.ok(&["sandbox", "destroy", &vmid]);
     Command::new("umount").arg(&dir).status().unwrap();
 }
 

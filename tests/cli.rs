@@ -131,12 +131,38 @@ fn daemon_install_writes_a_unit_that_keeps_sandboxes_alive() {
 
 #[test]
 fn broken_pipe_on_stdout_is_success() {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "{BIN} --help | head -c 1 >/dev/null; echo ${{PIPESTATUS:-0}}"
-        ))
+    // A pipe whose reader is already gone: every write gets EPIPE.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let status = Command::new(BIN)
+        .args(["version"])
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn a_failing_command_with_stdout_closed_still_reports_its_code() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let status = Command::new(BIN)
+        .args(["sandbox", "list"])
+        .env("AGENTLAB_CONFIG", "/nonexistent/config.yaml")
+        .stdout(writer)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(1));
+}
+
+#[test]
+fn guest_grow_root_refuses_to_run_on_a_host() {
+    let out = Command::new(BIN)
+        .args(["guest", "grow-root", "/"])
         .output()
         .unwrap();
-    assert!(out.status.success());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("refusing"), "{}", stderr(&out));
 }

@@ -84,8 +84,13 @@ fn orphan_qemu_and_files_are_listed_then_pruned() {
         out.contains(&format!("removed process {}", q.id())),
         "{out}"
     );
-    let exited = q.wait().unwrap();
-    assert!(!exited.success() || exited.code().is_some());
+    let deadline = std::time::Instant::now() + SHORT;
+    let mut exited = q.try_wait().unwrap();
+    while exited.is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        exited = q.try_wait().unwrap();
+    }
+    assert!(exited.is_some(), "prune left the orphan qemu running");
     assert!(!env.path("data/sandboxes/4242").exists());
     assert!(!run.exists());
 }
@@ -131,4 +136,30 @@ fn a_second_daemon_on_the_same_data_dir_refuses_to_start() {
     assert!(stderr(&out).contains("already runs"), "{}", stderr(&out));
     // The first one is unharmed.
     env.ok(&["status"]);
+}
+
+#[test]
+fn a_qemu_the_daemon_died_before_recording_is_still_adopted() {
+    let mut env = Env::new("norecord", "");
+    env.start_daemon();
+    let vmid = env.new_ready(&[]);
+    let pid = env.qemu_pid(vmid).unwrap();
+    env.kill_daemon();
+    // As if the daemon had died between spawning QEMU and recording it.
+    {
+        let store = agentlab::store::Store::open(&env.path("data/db")).unwrap();
+        let mut sb = store.get(vmid).unwrap().unwrap();
+        sb.runtime = None;
+        sb.state = agentlab::model::State::Booting;
+        let draft = agentlab::model::EventDraft::new(Some(vmid), "test", "runtime forgotten");
+        store.write(&sb, None, draft).unwrap();
+    }
+    env.start_daemon();
+    assert_eq!(env.qemu_pid(vmid), Some(pid));
+    assert!(
+        env.daemon_log().contains("1 adopted"),
+        "{}",
+        env.daemon_log()
+    );
+    assert!(env.console(vmid, "echo found-$((6*7))", "found-42", SHORT));
 }

@@ -5,6 +5,7 @@
 mod common;
 
 use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use common::{Env, BOOT, SHORT};
@@ -27,6 +28,17 @@ fn guest_writes_survive_stop_start_and_vanish_on_revert() {
         SHORT
     ));
     let first_pid = env.qemu_pid(vmid).unwrap();
+    // Each sandbox's QEMU runs under a uid of its own.
+    let status = std::fs::read_to_string(format!("/proc/{first_pid}/status")).unwrap();
+    let uid_line = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap()
+        .to_string();
+    assert!(
+        uid_line.contains(&(200_000 + vmid).to_string()),
+        "{uid_line}"
+    );
 
     assert_eq!(
         env.ok(&["sandbox", "stop", &vmid.to_string()]).trim(),
@@ -231,4 +243,55 @@ fn logs_show_events_and_console_and_follow() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert!(lines.iter().any(|l| l["to"] == "STOPPED"), "{text}");
+}
+
+#[test]
+fn stop_while_booting_does_not_deadlock() {
+    // A guest that ignores the power button gets stopped while booting; it
+    // reports READY while stop holds the sandbox and waits out the grace
+    // period. Stop must still end (quit after the grace) and leave it STOPPED.
+    let mut env = Env::new("stopboot", "stop_timeout: 12s\n");
+    env.start_daemon();
+    env.ok(&["image", "build-default"]);
+    let (from, to) = (env.path("images/default"), env.path("images/noacpi"));
+    assert!(Command::new("cp")
+        .args(["-a", "--sparse=always"])
+        .arg(&from)
+        .arg(&to)
+        .status()
+        .unwrap()
+        .success());
+    let disk = to.join("rootfs.raw");
+    assert!(Command::new("chmod")
+        .arg("u+w")
+        .arg(&disk)
+        .status()
+        .unwrap()
+        .success());
+    let edited = Command::new("debugfs")
+        .args(["-w", "-R", "rm /etc/acpi/PWRF/00000080"])
+        .arg(&disk)
+        .output()
+        .unwrap();
+    assert!(edited.status.success(), "{}", common::stderr(&edited));
+    env.write_profile("noacpi.yaml", "name: noacpi\nimage: noacpi\n");
+
+    let vmid: u32 = env
+        .ok(&["sandbox", "new", "--profile", "noacpi"])
+        .trim()
+        .parse()
+        .unwrap();
+    let deadline = std::time::Instant::now() + BOOT;
+    while env.qemu_pid(vmid).is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = env.cli(&["sandbox", "stop", &vmid.to_string()]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let events = env.ok(&["logs", &vmid.to_string(), "--tail", "1000"]);
+    assert!(
+        events.contains("console | AGENTLAB-READY"),
+        "the guest never reported during the stop:\n{events}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(env.state(vmid), "STOPPED");
 }

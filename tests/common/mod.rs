@@ -28,10 +28,14 @@ impl Env {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("profiles")).unwrap();
         let config = dir.join("config.yaml");
-        let text = format!(
-            "data_dir: {d}/data\nrun_dir: {d}/run\nimages_dir: {d}/images\nprofiles_dir: {d}/profiles\naccel: tcg\nstop_timeout: 20s\n{extra}",
+        let mut text = format!(
+            "data_dir: {d}/data\nrun_dir: {d}/run\nimages_dir: {d}/images\nprofiles_dir: {d}/profiles\naccel: tcg\n{extra}",
             d = dir.display()
         );
+        // Defaults a test may override (the config refuses a key twice).
+        if !extra.contains("stop_timeout:") {
+            text.push_str("stop_timeout: 20s\n");
+        }
         std::fs::write(&config, text).unwrap();
         let socket = dir.join("run/agentlabd.sock");
         Env {
