@@ -15,8 +15,14 @@ fi
 step() { printf '\n==> %s\n' "$*"; }
 
 step "installing packages"
-packages=(qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static e2fsprogs
-          nftables iproute2 curl build-essential)
+# A guest kernel with virtio drivers: Debian's cloud kernel, Ubuntu's kvm one.
+. /etc/os-release
+case "${ID:-debian}" in
+    ubuntu) guest_kernel=linux-image-kvm ;;
+    *)      guest_kernel=linux-image-cloud-amd64 ;;
+esac
+packages=(qemu-system-x86 qemu-utils "$guest_kernel" busybox-static e2fsprogs
+          nftables iproute2 curl build-essential xz-utils zstd)
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${packages[@]}" \
@@ -27,7 +33,8 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 if ! command -v cargo >/dev/null 2>&1; then
     step "installing the Rust toolchain (rustup, minimal profile)"
-    curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
+    # rustfmt and clippy too: the test command (.ci/run) checks with both.
+    curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --component rustfmt,clippy
     . "$HOME/.cargo/env"
 fi
 
