@@ -37,4 +37,6 @@ pub mod qmp;
 pub mod store;
 #[allow(unsafe_code)]
 pub mod sys;
+#[cfg(test)]
+mod testutil;
 pub mod time;

@@ -305,14 +305,6 @@ const CONFIG_KEYS: &[&str] = &[
     "stop_timeout",
     "console_log_max_bytes",
     "default_ttl",
-    "proxmox_api_url",
-    "proxmox_api_token",
-    "proxmox_node",
-    "proxmox_tls_ca_path",
-    "proxmox_tls_fingerprint",
-    "proxmox_tls_insecure",
-    "proxmox_clone_mode",
-    "proxmox_storage",
 ];
 
 /// Parses config.yaml text. `origin` names the file in errors, becomes
@@ -344,7 +336,7 @@ pub fn parse_config_str(text: &str, origin: &Path) -> Result<Config, ConfigError
 }
 
 fn config_from_yaml(root: &Node, config_dir: &Path) -> Read<Config> {
-    let m = root.mapping(CONFIG_KEYS)?;
+    let m = root.mapping_of(&[CONFIG_KEYS, proxmox::PROXMOX_KEYS])?;
     let mut c = Config::defaults_in(config_dir);
     read_paths(&m, &mut c)?;
     read_runtime(&m, &mut c)?;

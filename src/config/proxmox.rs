@@ -193,7 +193,7 @@ impl Serialize for Sha256Fingerprint {
     }
 }
 
-const PROXMOX_KEYS: &[&str] = &[
+pub(super) const PROXMOX_KEYS: &[&str] = &[
     "proxmox_api_url",
     "proxmox_api_token",
     "proxmox_node",

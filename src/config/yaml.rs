@@ -85,6 +85,13 @@ impl<'a> Node<'a> {
 
     /// Reads a mapping whose keys must all be in `allowed`.
     pub fn mapping(&self, allowed: &'static [&'static str]) -> Read<Mapping<'a>> {
+        self.mapping_of(&[allowed])
+    }
+
+    /// A mapping whose keys may come from any of several groups (config.yaml's
+    /// own keys and the `proxmox_*` ones, kept beside the code that reads them).
+    pub fn mapping_of(&self, groups: &[&'static [&'static str]]) -> Read<Mapping<'a>> {
+        let allowed: Vec<&str> = groups.iter().flat_map(|g| g.iter().copied()).collect();
         let Yaml::Hash(hash) = self.value else {
             return Err(self.expected("a mapping of keys"));
         };
@@ -96,7 +103,7 @@ impl<'a> Node<'a> {
             if !allowed.contains(&name.as_str()) {
                 return Err(Problem {
                     key: join(&self.key, name),
-                    message: unknown_key(&self.key, name, allowed),
+                    message: unknown_key(&self.key, name, &allowed),
                 });
             }
             entries.push((name.as_str(), v));

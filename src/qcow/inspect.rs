@@ -736,21 +736,7 @@ mod tests {
         assert!(check_error(&buf).contains("snapshot table ends at byte"));
     }
 
-    /// xorshift64: deterministic, good enough to scramble headers.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-    }
+    use crate::testutil::XorShift as Rng;
 
     /// A fuzz loop by nature: thousands of mutants of a valid header (with
     /// extensions and a backing name) must each parse or fail, never panic.

@@ -187,21 +187,7 @@ mod tests {
         assert_eq!(reason_phrase(599), "Unknown");
     }
 
-    /// xorshift64 (Marsaglia 2003): deterministic noise without a crate.
-    struct XorShift(u64);
-
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n.max(1) as u64) as usize
-        }
-    }
+    use crate::testutil::XorShift;
 
     fn mutate(rng: &mut XorShift, input: &mut Vec<u8>) {
         const INTERESTING: &[u8] = b"\r\n :;%+0123456789aAfF\t\0\x7f\xff-/?&=HTTP";
