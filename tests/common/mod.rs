@@ -213,7 +213,9 @@ impl Env {
     }
 }
 
-/// Pids whose argv[0] contains `exe` and whose argv mentions `dir`.
+/// Pids whose argv[0] contains `exe` and whose argv or environment mentions
+/// `dir` (a daemon the CLI started finds its config through AGENTLAB_CONFIG,
+/// so only its environment names the test's directory).
 pub fn processes_mentioning(dir: &Path, exe: &str) -> Vec<u32> {
     let needle = dir.display().to_string();
     let mut out = Vec::new();
@@ -228,8 +230,12 @@ pub fn processes_mentioning(dir: &Path, exe: &str) -> Vec<u32> {
             .split(|&b| b == 0)
             .map(|s| String::from_utf8_lossy(s).into_owned())
             .collect();
-        if args.first().is_some_and(|a| a.contains(exe)) && args.iter().any(|a| a.contains(&needle))
-        {
+        if !args.first().is_some_and(|a| a.contains(exe)) {
+            continue;
+        }
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let in_env = String::from_utf8_lossy(&env).contains(&needle);
+        if in_env || args.iter().any(|a| a.contains(&needle)) {
             out.push(pid);
         }
     }
