@@ -33,6 +33,7 @@ pub mod image;
 pub mod log;
 pub mod model;
 pub mod qcow;
+pub mod qga;
 pub mod qmp;
 pub mod store;
 #[allow(unsafe_code)]
