@@ -227,6 +227,18 @@ pub struct Disk {
     pub virtual_size: u64,
 }
 
+/// What the guest's agent says about the guest, for `sandbox show`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestFacts {
+    /// The agent's version string (`agentlab 0.1.0`, `qemu-ga 7.2.x`…).
+    pub agent: String,
+    pub os: String,
+    pub kernel: String,
+    pub hostname: String,
+    /// `10.77.0.5/16 (eth0)`, loopback left out.
+    pub addresses: Vec<String>,
+}
+
 /// The live hypervisor process, as far as the daemon knows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Runtime {
@@ -266,6 +278,9 @@ pub struct Sandbox {
     pub ip: Option<String>,
     #[serde(default)]
     pub last_error: Option<String>,
+    /// Set once the guest agent has answered.
+    #[serde(default)]
+    pub guest: Option<GuestFacts>,
     /// The resolved profile at creation, so later edits to the file do not
     /// change a sandbox that already exists.
     #[serde(default)]
@@ -534,6 +549,7 @@ mod tests {
             mac: mac_for(1000),
             ip: None,
             last_error: None,
+            guest: None,
             spec: serde_json::Value::Null,
         }
     }

@@ -141,6 +141,19 @@ impl Store {
         expect_updated: Option<Timestamp>,
         draft: EventDraft,
     ) -> Result<Event, StoreError> {
+        self.write_with(sb, expect_updated, draft, true)
+    }
+
+    /// `write`, with the flush to disk optional: for changes that matter
+    /// little after a crash (READY↔RUNNING around an exec), sled's own
+    /// periodic flush is enough and the caller saves an fsync.
+    pub fn write_with(
+        &self,
+        sb: &Sandbox,
+        expect_updated: Option<Timestamp>,
+        draft: EventDraft,
+        flush: bool,
+    ) -> Result<Event, StoreError> {
         let id = self.next_event_id()?;
         let event = draft.finish(id, Timestamp::now());
         let sb_json = serde_json::to_vec(sb).expect("sandbox serializes");
@@ -167,7 +180,9 @@ impl Store {
             Err(TransactionError::Abort(())) => return Err(StoreError::Conflict(vmid)),
             Err(TransactionError::Storage(e)) => return Err(e.into()),
         }
-        self.db.flush()?;
+        if flush {
+            self.db.flush()?;
+        }
         Ok(event)
     }
 
@@ -384,6 +399,7 @@ mod tests {
             mac: mac_for(vmid),
             ip: None,
             last_error: None,
+            guest: None,
             spec: serde_json::Value::Null,
         }
     }

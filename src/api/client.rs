@@ -147,6 +147,49 @@ impl Client {
     }
 }
 
+/// A connection the daemon switched to agentlab's frame protocol (101).
+pub struct Upgraded {
+    pub stream: UnixStream,
+    /// Bytes read past the 101 head: the first frames.
+    pub pending: Vec<u8>,
+}
+
+impl Client {
+    /// Sends a request asking for `Upgrade: agentlab`. A 101 gives the raw
+    /// connection; any other answer is the error it carries.
+    pub fn upgrade(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Upgraded, ClientError> {
+        let mut s = self.connect()?;
+        // A session may be quiet for hours; the caller decides how long to wait.
+        s.set_read_timeout(None).map_err(ClientError::Io)?;
+        let body = body.map(|b| b.to_string().into_bytes());
+        s.write_all(&http::encode_upgrade_request(method, path, body.as_deref()))
+            .map_err(ClientError::Io)?;
+        let mut reader = Reader::new(s);
+        let (status, kind) = reader.head()?;
+        if status == 101 {
+            return Ok(Upgraded {
+                stream: reader.s,
+                pending: reader.buf,
+            });
+        }
+        let mut out = Vec::new();
+        match kind {
+            BodyKind::Length(n) => reader.exact(n.min(MAX_RESPONSE), &mut out)?,
+            BodyKind::UntilClose => reader.read_to_close(&mut out)?,
+            BodyKind::Chunked => {}
+        }
+        decode(status, &out)?;
+        Err(ClientError::Protocol(format!(
+            "expected 101 Switching Protocols, got {status}"
+        )))
+    }
+}
+
 fn decode(status: u16, body: &[u8]) -> Result<Value, ClientError> {
     let v: Value = if body.is_empty() {
         Value::Null

@@ -5,10 +5,12 @@
 //! - `types`: request and response bodies shared by both sides
 //! - `routes`: which request calls which manager operation
 //! - `server`: the daemon's mio loop
+//! - `streaming`: exec, file trees and the console, on connections of their own
 //! - `client`: the blocking client the CLI uses
 
 pub mod client;
 pub mod http;
 pub mod routes;
 pub mod server;
+pub mod streaming;
 pub mod types;

@@ -24,6 +24,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use super::http::{self, Limits, Request, Response};
 use super::routes::{self, Reply};
+use super::streaming;
 use crate::daemon::bus::BusItem;
 use crate::daemon::manager::Manager;
 
@@ -37,6 +38,8 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_PENDING_OUTPUT: usize = 8 << 20;
 const MAX_WORKERS: usize = 64;
 const MAX_CONNS: usize = 1024;
+/// Streaming sessions (exec, cp, console) at once, each on its own thread.
+const MAX_HANDED_OFF: usize = 256;
 
 /// Stops a running server from another thread.
 #[derive(Clone)]
@@ -60,6 +63,9 @@ enum Phase {
         after_event: u64,
     },
     Closing,
+    /// A streaming route took the request: the connection leaves the loop
+    /// for a worker of its own (see `hand_off`).
+    HandOff(Request),
 }
 
 struct Conn {
@@ -155,8 +161,10 @@ impl Server {
         let mut last_tick = Instant::now();
         let socket_label = Arc::new(socket_label);
         let waker = self.waker.clone();
+        let handed_off = Arc::new(AtomicUsize::new(0));
         let ctx = Ctx {
             manager: &manager,
+            handed_off: &handed_off,
             socket: &socket_label,
             done_tx: &done_tx,
             busy: &busy,
@@ -191,7 +199,7 @@ impl Server {
                     advance(d.token, conn, &ctx);
                 }
             }
-            housekeeping(&mut conns, self.poll.registry());
+            housekeeping(&mut conns, self.poll.registry(), &ctx);
             if last_tick.elapsed() >= Duration::from_secs(1) {
                 last_tick = Instant::now();
                 tick();
@@ -265,6 +273,7 @@ impl Server {
 
 struct Ctx<'a> {
     manager: &'a Arc<Manager>,
+    handed_off: &'a Arc<AtomicUsize>,
     socket: &'a Arc<String>,
     done_tx: &'a Sender<Done>,
     busy: &'a Arc<AtomicUsize>,
@@ -285,7 +294,17 @@ fn on_io(token: Token, conn: &mut Conn, ev: &mio::event::Event, ctx: &Ctx<'_>) {
 
 /// After each round: feed streams, enforce timeouts, adjust write interest,
 /// and drop connections that are done.
-fn housekeeping(conns: &mut HashMap<Token, Conn>, registry: &mio::Registry) {
+fn housekeeping(conns: &mut HashMap<Token, Conn>, registry: &mio::Registry, ctx: &Ctx<'_>) {
+    let leaving: Vec<Token> = conns
+        .iter()
+        .filter(|(_, c)| matches!(c.phase, Phase::HandOff(_)))
+        .map(|(t, _)| *t)
+        .collect();
+    for t in leaving {
+        if let Some(c) = conns.remove(&t) {
+            hand_off(c, registry, ctx);
+        }
+    }
     for conn in conns.values_mut() {
         pump_stream(conn);
     }
@@ -299,6 +318,39 @@ fn housekeeping(conns: &mut HashMap<Token, Conn>, registry: &mio::Registry) {
         }
         keep
     });
+}
+
+/// Gives a connection to a worker thread of its own, in blocking mode: an
+/// exec or console session may last hours and must not tie up the loop or
+/// the request workers. A slow or stuck client then stalls only that thread.
+fn hand_off(mut conn: Conn, registry: &mio::Registry, ctx: &Ctx<'_>) {
+    let _ = registry.deregister(&mut conn.stream);
+    let Phase::HandOff(req) = std::mem::replace(&mut conn.phase, Phase::Closing) else {
+        return;
+    };
+    let fd: std::os::fd::OwnedFd = conn.stream.into();
+    let stream = std::os::unix::net::UnixStream::from(fd);
+    if ctx.handed_off.fetch_add(1, Ordering::SeqCst) >= MAX_HANDED_OFF {
+        ctx.handed_off.fetch_sub(1, Ordering::SeqCst);
+        let _ = stream.set_nonblocking(false);
+        let mut s = stream;
+        let _ = s.write_all(
+            &Response::error(503, "too many streaming sessions; retry later").encode(false),
+        );
+        return;
+    }
+    let (manager, count, leftover) = (ctx.manager.clone(), ctx.handed_off.clone(), conn.rbuf);
+    let spawned = std::thread::Builder::new()
+        .name("api-stream".into())
+        .spawn(move || {
+            if stream.set_nonblocking(false).is_ok() {
+                streaming::serve(&manager, req, leftover, stream);
+            }
+            count.fetch_sub(1, Ordering::SeqCst);
+        });
+    if spawned.is_err() {
+        ctx.handed_off.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Reads what the socket has (edge-triggered: until WouldBlock).
@@ -362,6 +414,16 @@ fn flush(conn: &mut Conn) {
 
 /// Parses a complete request, if any, and hands it to a worker.
 fn advance(token: Token, conn: &mut Conn, ctx: &Ctx<'_>) {
+    // Streaming routes (exec, files, console) read their own bodies.
+    if matches!(conn.phase, Phase::Reading) && !conn.rbuf.is_empty() {
+        if let Ok(Some((req, used))) = http::parse_request_head(&conn.rbuf, ctx.limits) {
+            if streaming::takes(&req) {
+                conn.rbuf.drain(..used);
+                conn.phase = Phase::HandOff(req);
+                return;
+            }
+        }
+    }
     if matches!(conn.phase, Phase::Reading) && !conn.rbuf.is_empty() {
         match http::parse_request(&conn.rbuf, ctx.limits) {
             // Incomplete, and no more bytes will come.

@@ -132,3 +132,66 @@ pub struct StatusResponse {
 pub struct ErrorBody {
     pub error: String,
 }
+
+/// `POST /v1/sandboxes/{id}/exec`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// The command and its arguments (no shell: `["sh", "-c", "…"]` for one).
+    pub argv: Vec<String>,
+    /// `KEY=VALUE` entries added to the guest's base environment.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Kill the command after this long (`30s`, `5m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// Run on a pseudo-terminal of this size (sessions only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<crate::qga::wire::TtySize>,
+    /// Keep stdin open for the session's stdin frames.
+    #[serde(default)]
+    pub stdin: bool,
+    /// Plain HTTP: all of stdin up front, base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<String>,
+    /// Plain HTTP: NDJSON as output comes (default) or one JSON document at the end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<bool>,
+    /// With `"stream": false`: bytes kept per stream before truncating (default 16 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output: Option<u64>,
+}
+
+impl ExecRequest {
+    pub fn to_spec(&self) -> Result<crate::qga::session::ExecSpec, String> {
+        if self.argv.is_empty() || self.argv[0].is_empty() {
+            return Err("argv must name a command".into());
+        }
+        if let Some(bad) = self
+            .env
+            .iter()
+            .find(|e| !e.contains('=') || e.starts_with('='))
+        {
+            return Err(format!("env entry {bad:?} is not KEY=VALUE"));
+        }
+        let timeout = self
+            .timeout
+            .as_deref()
+            .map(crate::time::parse_duration)
+            .transpose()
+            .map_err(|e| format!("timeout: {e}"))?;
+        Ok(crate::qga::session::ExecSpec {
+            argv: self.argv.clone(),
+            env: self.env.clone(),
+            cwd: self.cwd.clone(),
+            user: self.user.clone(),
+            tty: self.tty,
+            stdin: self.stdin,
+            timeout,
+        })
+    }
+}

@@ -30,6 +30,11 @@ pub enum VmEvent {
     Console(String),
     /// The hypervisor process is gone.
     Exited(ExitInfo),
+    /// The guest agent answered; what the guest says about itself.
+    Agent {
+        pid: u32,
+        facts: crate::qga::session::GuestFacts,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Default, Serialize)]
@@ -210,6 +215,28 @@ pub trait Backend: Send + Sync {
     /// The last `n` lines of the guest's console, oldest first, for `agentlab logs`.
     fn console_tail(&self, _vmid: u32, _n: usize) -> Vec<(crate::time::Timestamp, String)> {
         Vec::new()
+    }
+
+    /// The guest agent of a running sandbox, once it has answered.
+    fn guest(
+        &self,
+        vmid: u32,
+    ) -> Result<std::sync::Arc<crate::qga::session::Session>, BackendError> {
+        Err(BackendError::user(format!(
+            "sandbox {vmid}: the {} backend has no guest agent channel",
+            self.kind()
+        )))
+    }
+
+    /// The serial console's raw output from now on, until the VM exits.
+    fn console_attach(
+        &self,
+        vmid: u32,
+    ) -> Result<std::sync::mpsc::Receiver<Vec<u8>>, BackendError> {
+        Err(BackendError::user(format!(
+            "sandbox {vmid}: the {} backend has no serial console",
+            self.kind()
+        )))
     }
 
     /// Types bytes into a running sandbox's serial console.

@@ -7,7 +7,9 @@
 
 mod bench;
 mod connect;
+mod console;
 mod daemon;
+mod exec;
 mod image;
 mod logs;
 pub mod output;
@@ -51,6 +53,8 @@ pub struct Cli {
 #[argh(subcommand)]
 enum Command {
     Sandbox(sandbox::SandboxCmd),
+    Exec(exec::ExecCmd),
+    Console(console::ConsoleCmd),
     Profile(profile::ProfileCmd),
     Image(image::ImageCmd),
     Status(status::StatusCmd),
@@ -89,6 +93,9 @@ pub enum CliError {
     /// stdout went away (`| head`): not a failure.
     #[error("broken pipe")]
     BrokenPipe,
+    /// `exec`: the command's own exit code, passed on without a message.
+    #[error("exit {0}")]
+    Exit(u8),
 }
 
 impl CliError {
@@ -97,6 +104,7 @@ impl CliError {
             CliError::User(_) => ExitCode::from(1),
             CliError::Host(_) => ExitCode::from(2),
             CliError::BrokenPipe => ExitCode::SUCCESS,
+            CliError::Exit(c) => ExitCode::from(*c),
         }
     }
 }
@@ -129,7 +137,12 @@ pub fn main() -> ExitCode {
     if args.get(1).map(String::as_str) == Some("guest") {
         return crate::guest::main(&args[2..]);
     }
-    let cli: Cli = argh::from_env();
+    let mut args = args;
+    exec::split_short_switches(&mut args);
+    let cli = match parse(&args) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
     let json = wants_json(&args);
     let timeout = match cli
         .timeout
@@ -148,6 +161,8 @@ pub fn main() -> ExitCode {
     };
     let r = match cli.cmd {
         Command::Sandbox(c) => sandbox::run(&global, c),
+        Command::Exec(c) => exec::run(&global, c),
+        Command::Console(c) => console::run(&global, c),
         Command::Profile(c) => profile::run_profile(&global, c),
         Command::Image(c) => image::run(&global, c),
         Command::Status(c) => status::run(&global, c),
@@ -162,6 +177,28 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// argh's `from_env`, on arguments we have already adjusted.
+fn parse(args: &[String]) -> Result<Cli, ExitCode> {
+    let strs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let name = ["agentlab"];
+    match Cli::from_args(&name, strs.get(1..).unwrap_or_default()) {
+        Ok(c) => Ok(c),
+        Err(early) => match early.status {
+            Ok(()) => {
+                let _ = output::line(&early.output);
+                Err(ExitCode::SUCCESS)
+            }
+            Err(()) => {
+                eprintln!(
+                    "{}\nRun agentlab --help for more information.",
+                    early.output
+                );
+                Err(ExitCode::from(1))
+            }
+        },
+    }
+}
+
 /// `--json` anywhere on the line asks for JSON errors too.
 fn wants_json(args: &[String]) -> bool {
     args.iter().skip(1).any(|a| a == "--json")
@@ -169,7 +206,7 @@ fn wants_json(args: &[String]) -> bool {
 
 fn report(e: &CliError, json: bool) -> ExitCode {
     match e {
-        CliError::BrokenPipe => {}
+        CliError::BrokenPipe | CliError::Exit(_) => {}
         _ if json => {
             let _ = output::print_json(&serde_json::json!({ "error": e.to_string() }));
         }

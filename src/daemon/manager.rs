@@ -25,6 +25,9 @@ use crate::api::types::{
 use crate::backend::{Backend, BackendError, StopMode, VmEvent};
 use crate::config::{Config, Profile, Profiles};
 use crate::model::{self, check_action, Action, EventDraft, Sandbox, State};
+use crate::qga::client::AgentError;
+use crate::qga::session::{Exec, ExecSpec, Session};
+use crate::qga::wire::TarDone;
 use crate::store::{Store, StoreError};
 use crate::time::{parse_duration, Timestamp};
 
@@ -41,6 +44,9 @@ pub enum OpError {
     Conflict(String),
     #[error("{0}")]
     MethodNotAllowed(String),
+    /// Try again shortly (the guest agent is restarting, or busy).
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{0}")]
     Host(String),
 }
@@ -52,6 +58,7 @@ impl OpError {
             OpError::BadRequest(_) => 400,
             OpError::WrongState(_) | OpError::Conflict(_) => 409,
             OpError::MethodNotAllowed(_) => 405,
+            OpError::Unavailable(_) => 503,
             OpError::Host(_) => 500,
         }
     }
@@ -80,6 +87,8 @@ pub struct Manager {
     backend: Arc<dyn Backend>,
     bus: Bus,
     locks: Mutex<HashMap<u32, Arc<Mutex<()>>>>,
+    /// Execs running per sandbox (READY while none, RUNNING while some).
+    execs: Mutex<HashMap<u32, usize>>,
     /// Serialises creates: name uniqueness and VMID allocation.
     create_lock: Mutex<()>,
     /// Held across event-id allocation, store write and publish, so live
@@ -101,6 +110,7 @@ impl Manager {
             locks: Mutex::new(HashMap::new()),
             log: Mutex::new(()),
             create_lock: Mutex::new(()),
+            execs: Mutex::new(HashMap::new()),
             changed: (Mutex::new(0), Condvar::new()),
             started_at: Timestamp::now(),
             started: Instant::now(),
@@ -604,6 +614,126 @@ impl Manager {
         Ok(lines)
     }
 
+    /// Starts a command in the guest. The sandbox is RUNNING until the
+    /// returned `Busy` (and every other exec's) is dropped.
+    pub fn exec_start(
+        self: &Arc<Self>,
+        id: &str,
+        spec: &ExecSpec,
+        stdin_data: Option<Vec<u8>>,
+    ) -> Result<(Exec, Busy), OpError> {
+        let (vmid, session) = self.guest_of(id)?;
+        let busy = self.busy(vmid)?;
+        let exec = session.exec(spec, stdin_data).map_err(agent_error)?;
+        Ok((exec, busy))
+    }
+
+    /// Streams a tar of the guest's `path` into `sink`.
+    pub fn tar_out(
+        self: &Arc<Self>,
+        id: &str,
+        path: &str,
+        sink: &mut dyn std::io::Write,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<TarDone, OpError> {
+        let (vmid, session) = self.guest_of(id)?;
+        let _busy = self.busy(vmid)?;
+        session.tar_out(path, sink, progress).map_err(agent_error)
+    }
+
+    /// Extracts the tar from `source` into the guest's `path` (docker-cp rules).
+    pub fn tar_in(
+        self: &Arc<Self>,
+        id: &str,
+        path: &str,
+        root: &str,
+        source: &mut dyn std::io::Read,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<TarDone, OpError> {
+        let (vmid, session) = self.guest_of(id)?;
+        let _busy = self.busy(vmid)?;
+        session
+            .tar_in(path, root, source, progress)
+            .map_err(agent_error)
+    }
+
+    /// The serial console's raw output from now on (and the VMID).
+    pub fn console_attach(
+        &self,
+        id: &str,
+    ) -> Result<(u32, std::sync::mpsc::Receiver<Vec<u8>>), OpError> {
+        let sb = self.find(id)?;
+        if !sb.state.vm_expected() {
+            return Err(OpError::Conflict(format!(
+                "sandbox {} is {}; start it first",
+                sb.vmid, sb.state
+            )));
+        }
+        Ok((sb.vmid, self.backend.console_attach(sb.vmid)?))
+    }
+
+    fn guest_of(&self, id: &str) -> Result<(u32, Arc<Session>), OpError> {
+        let sb = self.find(id)?;
+        check_action(sb.vmid, sb.state, Action::Exec, false)?;
+        Ok((sb.vmid, self.backend.guest(sb.vmid)?))
+    }
+
+    /// Counts an exec in; the first makes the sandbox RUNNING.
+    fn busy(self: &Arc<Self>, vmid: u32) -> Result<Busy, OpError> {
+        let first = {
+            let mut e = lock(&self.execs);
+            let n = e.entry(vmid).or_insert(0);
+            *n += 1;
+            *n == 1
+        };
+        if first {
+            self.set_running(vmid, true);
+        }
+        Ok(Busy {
+            m: self.clone(),
+            vmid,
+        })
+    }
+
+    /// READY↔RUNNING around execs. Not flushed: after a crash it does not
+    /// matter which of the two a sandbox was in.
+    fn set_running(&self, vmid: u32, running: bool) {
+        let l = self.lock_of(vmid);
+        let _g = lock(&l);
+        let Ok(Some(mut sb)) = self.store.get(vmid) else {
+            return;
+        };
+        let (from, to, msg) = match (running, sb.state) {
+            (true, State::Ready | State::Completed) => {
+                (sb.state, State::Running, "running a command")
+            }
+            (false, State::Running) => (sb.state, State::Ready, "idle"),
+            _ => return,
+        };
+        sb.state = to;
+        sb.updated_at = Timestamp::now();
+        let _log = lock(&self.log);
+        if let Ok(ev) = self.store.write_with(
+            &sb,
+            None,
+            EventDraft::transition(vmid, from, to, msg),
+            false,
+        ) {
+            self.bus.publish(BusItem::Event(ev));
+        }
+    }
+
+    /// Whether the sandbox runs agentlab's agent (streaming) or a stock qemu-ga.
+    pub fn agent_extended(&self, id: &str) -> Result<bool, OpError> {
+        Ok(self.guest_of(id)?.1.info().extended)
+    }
+
+    /// Raw bytes typed into a sandbox's console (an attached session).
+    pub fn console_bytes(&self, vmid: u32, data: &[u8]) -> Result<(), OpError> {
+        self.backend.console_write(vmid, data)?;
+        Ok(())
+    }
+
     pub fn console_input(&self, id: &str, data: &str) -> Result<(), OpError> {
         let sb = self.find(id)?;
         if !sb.state.vm_expected() {
@@ -704,6 +834,29 @@ impl Manager {
                 ts: Timestamp::now(),
                 line,
             }),
+            VmEvent::Agent { pid, facts } => {
+                let l = self.lock_of(vmid);
+                let _g = lock(&l);
+                let Ok(Some(mut sb)) = self.store.get(vmid) else {
+                    return;
+                };
+                if current_pid(&sb) != Some(pid) {
+                    return;
+                }
+                let msg = format!(
+                    "guest agent answers: {} on {} ({})",
+                    facts.agent,
+                    if facts.os.is_empty() {
+                        "an unknown OS"
+                    } else {
+                        &facts.os
+                    },
+                    facts.kernel
+                );
+                sb.guest = Some(facts);
+                sb.updated_at = Timestamp::now();
+                let _ = self.record(&sb, EventDraft::new(Some(vmid), "sandbox.agent", msg));
+            }
             VmEvent::Ready { pid } => {
                 let l = self.lock_of(vmid);
                 let _g = lock(&l);
@@ -786,6 +939,7 @@ fn new_record(
         mac: model::mac_for(vmid),
         ip: None,
         last_error: None,
+        guest: None,
         spec: serde_json::to_value(profile).unwrap_or_default(),
     }
 }
@@ -800,6 +954,42 @@ pub(crate) fn try_lock<T>(m: &Mutex<T>) -> Option<std::sync::MutexGuard<'_, T>> 
         Ok(g) => Some(g),
         Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
         Err(std::sync::TryLockError::WouldBlock) => None,
+    }
+}
+
+/// Marks a sandbox busy with an exec or a copy until dropped.
+pub struct Busy {
+    m: Arc<Manager>,
+    vmid: u32,
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let last = {
+            let mut e = lock(&self.m.execs);
+            let n = e.entry(self.vmid).or_insert(1);
+            *n -= 1;
+            let last = *n == 0;
+            if last {
+                e.remove(&self.vmid);
+            }
+            last
+        };
+        if last {
+            self.m.set_running(self.vmid, false);
+        }
+    }
+}
+
+fn agent_error(e: AgentError) -> OpError {
+    match e {
+        AgentError::Command { .. } | AgentError::Unsupported(_) => {
+            OpError::BadRequest(crate::log::error_chain(&e))
+        }
+        AgentError::Gone | AgentError::Timeout(_) => {
+            OpError::Unavailable(crate::log::error_chain(&e))
+        }
+        _ => OpError::Host(crate::log::error_chain(&e)),
     }
 }
 

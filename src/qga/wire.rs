@@ -110,7 +110,7 @@ impl Decoder {
         self.buf.len() - self.start
     }
 
-    pub fn next(&mut self) -> Option<Result<Frame, WireError>> {
+    fn next_frame(&mut self) -> Option<Result<Frame, WireError>> {
         if self.skipping {
             let sync = self.buf[self.start..].iter().position(|&b| b == SYNC)?;
             self.start += sync;
@@ -178,7 +178,7 @@ impl Decoder {
             if b == SYNC {
                 // The peer gave up on this message and resynced.
                 self.start += scan.at - 1;
-                return self.next();
+                return self.next_frame();
             }
             if scan.in_string {
                 match (scan.escaped, b) {
@@ -210,6 +210,15 @@ impl Decoder {
         }
         self.scan = Some(scan);
         None
+    }
+}
+
+/// Frames as far as the bytes pushed so far allow; `None` means "push more".
+impl Iterator for Decoder {
+    type Item = Result<Frame, WireError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_frame()
     }
 }
 

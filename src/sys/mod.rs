@@ -7,4 +7,5 @@
 pub mod ext4;
 pub mod kvm;
 pub mod process;
+pub mod tty;
 pub mod users;

@@ -31,7 +31,8 @@ mod request;
 mod response;
 
 pub use request::{
-    encode_request, parse_request, percent_decode, percent_encode_component, Request,
+    encode_request, encode_upgrade_request, parse_request, parse_request_head, percent_decode,
+    percent_encode_component, Request,
 };
 pub use response::{
     encode_chunk, encode_last_chunk, encode_stream_head, parse_response_head, BodyKind,

@@ -78,6 +78,36 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<(Request, usi
     Ok(Some((request, end)))
 }
 
+/// A whole request head at the front of `buf`, without its body: for routes
+/// whose handler reads the body itself as it streams (file uploads may be
+/// gigabytes, or chunked). The body limit does not apply; smuggling checks do.
+/// `Ok(Some((request, head_len)))` has an empty `body`.
+pub fn parse_request_head(
+    buf: &[u8],
+    limits: &Limits,
+) -> Result<Option<(Request, usize)>, HttpError> {
+    let Some(head) = read_head(buf, limits)? else {
+        return Ok(None);
+    };
+    let (method, target, http10) = parse_request_line(head.start_line)?;
+    let (path, query) = parse_target(target)?;
+    if content_length(&head.headers)?.is_some()
+        && find_header(&head.headers, "transfer-encoding").is_some()
+    {
+        return Err(bad("both Content-Length and Transfer-Encoding"));
+    }
+    let keep_alive = !http10 && !has_connection_token(&head.headers, "close");
+    let request = Request {
+        method,
+        path,
+        query,
+        headers: head.headers,
+        body: Vec::new(),
+        keep_alive,
+    };
+    Ok(Some((request, head.len)))
+}
+
 /// `METHOD SP request-target SP HTTP-version` → (method, target, is HTTP/1.0).
 fn parse_request_line(line: &[u8]) -> Result<(String, &[u8], bool), HttpError> {
     let mut parts = line.split(|&b| b == SP);
@@ -194,6 +224,16 @@ pub fn percent_encode_component(s: &str) -> String {
 /// request target (space, controls, non-ASCII) are percent-encoded; callers should
 /// still build it with `percent_encode_component`.
 pub fn encode_request(method: &str, path_and_query: &str, body: Option<&[u8]>) -> Vec<u8> {
+    encode(method, path_and_query, body, false)
+}
+
+/// The same, asking the daemon to switch the connection to agentlab's frame
+/// protocol (`Connection: Upgrade`, `Upgrade: agentlab`).
+pub fn encode_upgrade_request(method: &str, path_and_query: &str, body: Option<&[u8]>) -> Vec<u8> {
+    encode(method, path_and_query, body, true)
+}
+
+fn encode(method: &str, path_and_query: &str, body: Option<&[u8]>, upgrade: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(256 + body.map_or(0, <[u8]>::len));
     out.extend(method.bytes().filter(|&b| is_tchar(b)));
     out.push(SP);
@@ -223,7 +263,12 @@ pub fn encode_request(method: &str, path_and_query: &str, body: Option<&[u8]>) -
         }
         None => {}
     }
-    push_header(&mut out, "Connection", "close");
+    if upgrade {
+        push_header(&mut out, "Connection", "Upgrade");
+        push_header(&mut out, "Upgrade", "agentlab");
+    } else {
+        push_header(&mut out, "Connection", "close");
+    }
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body.unwrap_or_default());
     out
@@ -248,6 +293,30 @@ mod tests {
 
     fn with_header(field: &str) -> Vec<u8> {
         format!("GET / HTTP/1.1\r\nHost: agentlab\r\n{field}\r\n\r\n").into_bytes()
+    }
+
+    #[test]
+    fn head_only_parse_ignores_the_body_limit() {
+        let req = b"PUT /v1/sandboxes/1/files?path=/x HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999\r\n\r\nabc";
+        let (r, used) = parse_request_head(req, &Limits::default())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (r.method.as_str(), r.path.as_str(), used),
+            ("PUT", "/v1/sandboxes/1/files", req.len() - 3)
+        );
+        assert!(r.body.is_empty());
+    }
+
+    #[test]
+    fn head_only_parse_still_refuses_smuggling() {
+        let req = b"PUT /x HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(
+            parse_request_head(req, &Limits::default())
+                .unwrap_err()
+                .status,
+            400
+        );
     }
 
     #[test]

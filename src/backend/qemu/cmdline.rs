@@ -165,7 +165,7 @@ fn sockets(spec: &VmSpec<'_>, a: &mut Vec<String>) {
         a,
         &[
             "-device",
-            "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
+            "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0,id=qga-port",
         ],
     );
 }

@@ -666,6 +666,27 @@ impl Backend for QemuBackend {
         })
     }
 
+    fn guest(&self, vmid: u32) -> Result<Arc<crate::qga::session::Session>, BackendError> {
+        let vm = self
+            .vm(vmid)
+            .ok_or_else(|| BackendError::user(format!("sandbox {vmid} is not running")))?;
+        vm.session().ok_or_else(|| {
+            BackendError::user(format!(
+                "sandbox {vmid}: its guest agent has not answered yet (wait for READY, or the image has no agent)"
+            ))
+        })
+    }
+
+    fn console_attach(
+        &self,
+        vmid: u32,
+    ) -> Result<std::sync::mpsc::Receiver<Vec<u8>>, BackendError> {
+        let vm = self
+            .vm(vmid)
+            .ok_or_else(|| BackendError::user(format!("sandbox {vmid} is not running")))?;
+        Ok(vm.console_subscribe())
+    }
+
     fn images(&self) -> Vec<crate::image::store::ImageSummary> {
         self.images.list()
     }

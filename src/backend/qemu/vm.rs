@@ -21,6 +21,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -30,6 +31,8 @@ use serde_json::Value;
 use super::cmdline::{AGENT_SOCK, CONSOLE_SOCK, PID_FILE, QMP_SOCK};
 use super::console::{ConsoleLog, LineSplitter};
 use crate::backend::{BackendError, EventSink, ExitInfo, VmEvent};
+use crate::qga::client::{AgentClient, AgentError};
+use crate::qga::session::Session;
 use crate::qmp::{Notice, Qmp, QmpError};
 use crate::sys::process::{self, PidFd, Signal};
 use crate::time::Timestamp;
@@ -39,6 +42,12 @@ const QMP_APPEAR_TIMEOUT: Duration = Duration::from_secs(30);
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 /// What the exit report quotes of QEMU's stderr.
 const STDERR_TAIL: u64 = 4096;
+/// Chunks of console output an attached session may lag behind.
+const CONSOLE_SUB_QUEUE: usize = 1024;
+/// The virtserialport's device id (cmdline.rs), as VSERPORT_CHANGE names it.
+const AGENT_PORT_ID: &str = "qga-port";
+/// One sync attempt; the agent answers in milliseconds once it runs.
+const AGENT_SYNC_TIMEOUT: Duration = Duration::from_secs(2);
 /// QEMU's own log stays small unless something is badly wrong; past this,
 /// one previous generation is kept.
 const QEMU_LOG_MAX: u64 = 1 << 20;
@@ -74,6 +83,10 @@ struct Shared {
     shutdown_reason: Option<String>,
     panicked: bool,
     exit: Option<ExitInfo>,
+    /// The guest has its end of the agent port open (QMP VSERPORT_CHANGE).
+    agent_port_open: bool,
+    /// Told when that changes, so in-flight agent work fails fast.
+    agent_client: Option<Arc<AgentClient>>,
 }
 
 pub struct Vm {
@@ -82,6 +95,9 @@ pub struct Vm {
     qmp: Mutex<Option<Qmp>>,
     console_in: Mutex<Option<UnixStream>>,
     shared: Arc<(Mutex<Shared>, Condvar)>,
+    agent: Mutex<Option<Arc<Session>>>,
+    /// Attached `agentlab console` sessions: raw output, dropped if they lag.
+    console_subs: Arc<Mutex<Vec<SyncSender<Vec<u8>>>>>,
 }
 
 impl Vm {
@@ -182,11 +198,91 @@ impl Vm {
             qmp: Mutex::new(Some(qmp)),
             console_in: Mutex::new(None),
             shared,
+            agent: Mutex::new(None),
+            console_subs: Arc::new(Mutex::new(Vec::new())),
         });
         let console =
             vm.start_console(&spec.paths, &spec.ready_on, spec.console_max, sink.clone())?;
+        vm.start_agent(&spec.paths, &spec.ready_on, sink.clone());
         vm.start_exit_watcher(exit, console, spec.paths, log_offset, sink);
         Ok(vm)
+    }
+
+    /// Raw console output from now on; the channel closes when the VM exits.
+    pub fn console_subscribe(&self) -> Receiver<Vec<u8>> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(CONSOLE_SUB_QUEUE);
+        lock(&self.console_subs).push(tx);
+        rx
+    }
+
+    /// The guest agent, once it has answered.
+    pub fn session(&self) -> Option<Arc<Session>> {
+        lock(&self.agent).clone()
+    }
+
+    /// Waits for the guest to open its agent port, syncs with the agent, and
+    /// reports it (and READY, for images that are ready when their agent is).
+    fn start_agent(self: &Arc<Self>, paths: &VmPaths, ready_on: &str, sink: EventSink) {
+        let vm = self.clone();
+        let sock = paths.run_dir.join(AGENT_SOCK);
+        let ready_on_agent = ready_on == "agent";
+        let spawned = std::thread::Builder::new()
+            .name(format!("agent-{}", self.vmid))
+            .spawn(move || {
+                let client = match AgentClient::connect(&sock) {
+                    Ok(c) => Arc::new(c),
+                    Err(e) => return crate::warn!("sandbox {}: {e}", vm.vmid),
+                };
+                lock(&vm.shared.0).agent_client = Some(client.clone());
+                // After an adoption the port may be open already: no event then.
+                if let Ok(v) = vm.qmp("query-chardev", None, QMP_TIMEOUT) {
+                    let open = v
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|c| c["label"] == "qga0" && c["frontend-open"] == true);
+                    lock(&vm.shared.0).agent_port_open |= open;
+                }
+                let Some(session) = vm.wait_for_agent(&client) else {
+                    return;
+                };
+                let facts = session.facts();
+                *lock(&vm.agent) = Some(session);
+                sink(vm.vmid, VmEvent::Agent { pid: vm.pid, facts });
+                if ready_on_agent {
+                    sink(vm.vmid, VmEvent::Ready { pid: vm.pid });
+                }
+            });
+        if let Err(e) = spawned {
+            crate::error!("sandbox {}: cannot start the agent prober: {e}", self.vmid);
+        }
+    }
+
+    /// Syncs whenever the guest's port is open, until it answers or the VM ends.
+    fn wait_for_agent(&self, client: &Arc<AgentClient>) -> Option<Arc<Session>> {
+        let (m, cv) = &*self.shared;
+        loop {
+            {
+                let mut s = lock(m);
+                while !s.agent_port_open && s.exit.is_none() {
+                    s = cv
+                        .wait_timeout(s, Duration::from_secs(1))
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+                if s.exit.is_some() {
+                    return None;
+                }
+            }
+            match Session::open(client.clone(), AGENT_SYNC_TIMEOUT) {
+                Ok(session) => return Some(Arc::new(session)),
+                Err(AgentError::Gone) => return None,
+                Err(e) => {
+                    crate::debug!("sandbox {}: agent not answering yet: {e}", self.vmid);
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
     }
 
     pub fn qmp(
@@ -277,10 +373,19 @@ impl Vm {
         *lock(&self.console_in) = stream.try_clone().ok();
         let marker = ready_on.strip_prefix("console:").map(str::to_string);
         let mut log = ConsoleLog::open(&paths.console_log, max);
-        let (vmid, pid, shared) = (self.vmid, self.pid, self.shared.clone());
+        let (vmid, pid, shared, subs) = (
+            self.vmid,
+            self.pid,
+            self.shared.clone(),
+            self.console_subs.clone(),
+        );
         std::thread::Builder::new()
             .name(format!("console-{vmid}"))
-            .spawn(move || console_loop(stream, (vmid, pid), marker, &mut log, &shared, &sink))
+            .spawn(move || {
+                console_loop(stream, (vmid, pid), marker, &mut log, &shared, &sink, &subs);
+                // Closing the subscribers' channels ends their sessions.
+                lock(&subs).clear();
+            })
             .map_err(|e| BackendError::host_with("cannot start the console reader", e))
     }
 
@@ -405,10 +510,21 @@ fn connect_qmp(
         Box::new(move |n| {
             if let Notice::Event(ev) = n {
                 crate::debug!("sandbox {vmid}: qmp event {} {}", ev.name, ev.data);
-                let mut s = lock(&shared.0);
+                let (m, cv) = &*shared;
+                let mut s = lock(m);
                 match ev.name.as_str() {
                     "SHUTDOWN" => s.shutdown_reason = ev.data["reason"].as_str().map(String::from),
                     "GUEST_PANICKED" => s.panicked = true,
+                    "VSERPORT_CHANGE" if ev.data["id"] == AGENT_PORT_ID => {
+                        let open = ev.data["open"] == true;
+                        s.agent_port_open = open;
+                        let client = s.agent_client.clone();
+                        drop(s);
+                        if let Some(c) = client {
+                            c.port_changed(open);
+                        }
+                        cv.notify_all();
+                    }
                     _ => {}
                 }
             }
@@ -450,6 +566,7 @@ fn console_loop(
     log: &mut ConsoleLog,
     shared: &Arc<(Mutex<Shared>, Condvar)>,
     sink: &EventSink,
+    subs: &Mutex<Vec<SyncSender<Vec<u8>>>>,
 ) {
     let mut splitter = LineSplitter::default();
     let mut buf = [0u8; 16 * 1024];
@@ -461,6 +578,16 @@ fn console_loop(
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(_) => break,
         };
+        {
+            // A subscriber that lags loses output rather than stalling the console.
+            let mut subs = lock(subs);
+            subs.retain(|tx| {
+                !matches!(
+                    tx.try_send(buf[..n].to_vec()),
+                    Err(TrySendError::Disconnected(_))
+                )
+            });
+        }
         for line in splitter.feed(&buf[..n]) {
             log.append(Timestamp::now(), &line);
             if line.contains(PANIC_LINE) {
