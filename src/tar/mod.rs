@@ -20,9 +20,11 @@
 //! `fuzz/fuzz_targets/tar_extract.rs`).
 
 mod read;
+mod write;
 
 use std::io;
 
+pub use write::{pack_path, TarWriter};
 
 /// Archives are made of 512-byte blocks (POSIX "ustar Interchange Format").
 const BLOCK: usize = 512;
