@@ -19,11 +19,13 @@
 //! security boundary, and `read` is a parser of untrusted bytes (fuzz target
 //! `fuzz/fuzz_targets/tar_extract.rs`).
 
+mod extract;
 mod read;
 mod write;
 
 use std::io;
 
+pub use extract::{ExtractOptions, Extractor};
 pub use write::{pack_path, TarWriter};
 
 /// Archives are made of 512-byte blocks (POSIX "ustar Interchange Format").
