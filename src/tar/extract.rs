@@ -289,19 +289,34 @@ impl Extractor {
         Ok(())
     }
 
+    /// Creates or truncates the file, never through a symlink. An existing
+    /// file we may not write (a read-only `.git/objects` file copied twice)
+    /// is unlinked and created afresh, as `tar` does.
     fn open_file(&mut self, path: PathBuf, meta: Meta, raw: &[u8]) -> Result<(), TarError> {
-        clear_for_non_dir(&path, Clear::KeepRegular, raw)?;
-        let file = File::options()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-            .open(&path)
-            .map_err(|source| TarError::CreateFile {
-                path: show_path(&path),
-                source,
-            })?;
+        let existed = clear_for_non_dir(&path, Clear::KeepRegular, raw)?;
+        let open = || {
+            File::options()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+                .open(&path)
+        };
+        let file = match open() {
+            Err(e) if existed && e.kind() == io::ErrorKind::PermissionDenied => {
+                fs::remove_file(&path).map_err(|source| TarError::RemoveExisting {
+                    path: show_path(&path),
+                    source,
+                })?;
+                open()
+            }
+            other => other,
+        }
+        .map_err(|source| TarError::CreateFile {
+            path: show_path(&path),
+            source,
+        })?;
         self.current = Some(OpenFile {
             file: BufWriter::with_capacity(WRITE_BUFFER, file),
             path,
@@ -546,6 +561,10 @@ mod tests {
         mtime: 1_600_000_000,
         uid: 1234,
         gid: 5678,
+    };
+    const DIR: Meta = Meta {
+        mode: 0o755,
+        ..META
     };
 
     fn writer() -> TarWriter<Vec<u8>> {
@@ -811,6 +830,24 @@ mod tests {
     }
 
     #[test]
+    fn read_only_existing_file_is_replaced() {
+        let tmp = TempDir::new("readonly");
+        let old = tmp.path().join("f");
+        fs::write(&old, b"old contents").unwrap();
+        fs::set_permissions(&old, Permissions::from_mode(0o444)).unwrap();
+        let mut w = writer();
+        file(&mut w, "f", b"new");
+
+        extract(&w.finish().unwrap(), tmp.path()).unwrap();
+
+        let m = fs::metadata(&old).unwrap();
+        assert_eq!(
+            (fs::read(&old).unwrap(), m.mode() & 0o777),
+            (b"new".to_vec(), 0o644)
+        );
+    }
+
+    #[test]
     fn file_over_an_existing_directory_is_refused() {
         let tmp = TempDir::new("overdir");
         fs::create_dir(tmp.path().join("d")).unwrap();
@@ -1016,8 +1053,8 @@ mod tests {
     fn directory_mtime_survives_contents_that_come_after_it() {
         let tmp = TempDir::new("dirmtime");
         let mut w = writer();
-        w.append_dir("d", &Meta { mtime: 42, ..META }).unwrap();
-        w.append_dir("d/e", &Meta { mtime: 43, ..META }).unwrap();
+        w.append_dir("d", &Meta { mtime: 42, ..DIR }).unwrap();
+        w.append_dir("d/e", &Meta { mtime: 43, ..DIR }).unwrap();
         file(&mut w, "d/e/f", b"x");
 
         extract(&w.finish().unwrap(), tmp.path()).unwrap();
@@ -1030,7 +1067,7 @@ mod tests {
     fn rename_root_replaces_the_first_component() {
         let tmp = TempDir::new("rename");
         let mut w = writer();
-        w.append_dir("./src", &META).unwrap();
+        w.append_dir("./src", &DIR).unwrap();
         file(&mut w, "src/a", b"x");
         let opts = ExtractOptions {
             rename_root: Some("dst".into()),
@@ -1080,7 +1117,7 @@ mod tests {
     fn feeding_one_byte_at_a_time_gives_the_same_tree_as_whole() {
         let (whole, bytewise) = (TempDir::new("whole"), TempDir::new("bytewise"));
         let mut w = writer();
-        w.append_dir("日本 dir", &META).unwrap();
+        w.append_dir("日本 dir", &DIR).unwrap();
         file(&mut w, &format!("日本 dir/{}", "x".repeat(150)), &[9; 1500]);
         w.append_symlink("日本 dir/l", "target", &META).unwrap();
         let archive = w.finish().unwrap();
