@@ -186,26 +186,8 @@ impl Extractor {
                 _ => Err(refuse("the name is empty")),
             };
         }
-        if self.opts.untrusted {
-            match e.kind {
-                Kind::HardLink => {
-                    return Err(refuse(
-                        "hard links are not extracted from an untrusted archive",
-                    ))
-                }
-                Kind::CharDevice | Kind::BlockDevice | Kind::Fifo => {
-                    return Err(refuse(
-                        "devices and fifos are not extracted from an untrusted archive",
-                    ))
-                }
-                _ => {}
-            }
-        }
-        if let Kind::Unsupported(t) = e.kind {
-            return Err(refuse(&format!(
-                "unsupported entry type {:?}",
-                char::from(t)
-            )));
+        if let Some(why) = refused_kind(e.kind, self.opts.untrusted) {
+            return Err(refuse(&why));
         }
         let target = self.check_parents(&rel, &e.path)?;
         let meta = Meta {
@@ -494,6 +476,20 @@ fn clear_for_non_dir(path: &Path, keep: Clear, raw: &[u8]) -> Result<bool, TarEr
             path: show_path(path),
             source,
         }),
+    }
+}
+
+/// Why entries of `kind` are not extracted, if they are not.
+fn refused_kind(kind: Kind, untrusted: bool) -> Option<String> {
+    match kind {
+        Kind::HardLink if untrusted => {
+            Some("hard links are not extracted from an untrusted archive".into())
+        }
+        Kind::CharDevice | Kind::BlockDevice | Kind::Fifo if untrusted => {
+            Some("devices and fifos are not extracted from an untrusted archive".into())
+        }
+        Kind::Unsupported(t) => Some(format!("unsupported entry type {:?}", char::from(t))),
+        _ => None,
     }
 }
 
