@@ -717,7 +717,7 @@ mod tests {
 
         assert_eq!(
             err.to_string(),
-            "refusing archive entry : the name is empty"
+            "refusing archive entry (empty name): the name is empty"
         );
     }
 

@@ -216,6 +216,9 @@ pub enum TarError {
 /// user's terminal), cut at 256 characters.
 pub(crate) fn show_name(name: &[u8]) -> String {
     const MAX_SHOWN: usize = 256;
+    if name.is_empty() {
+        return "(empty name)".into();
+    }
     let mut out = String::new();
     for (i, c) in String::from_utf8_lossy(name).chars().enumerate() {
         if i == MAX_SHOWN {
