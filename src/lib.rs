@@ -38,6 +38,7 @@ pub mod qmp;
 pub mod store;
 #[allow(unsafe_code)]
 pub mod sys;
+pub mod tar;
 #[cfg(test)]
 mod testutil;
 pub mod time;
