@@ -15,6 +15,8 @@
 //! - `qcow`     qcow2 overlay writer and header validator
 //! - `image`    base images and the default guest (kernel + busybox initramfs + ext4)
 //! - `guest`    what the binary does inside the default guest
+//! - `qga`      the guest-agent protocol: wire format, host client, sessions
+//! - `tar`      tar streams for `cp`: writer, packer, safe extractor
 //! - `sys`      the only place with `unsafe`: ioctls, pidfds, process inspection
 //! - `time`     RFC 3339 timestamps and `30m`-style durations
 //! - `log`      a small leveled logger for the daemon

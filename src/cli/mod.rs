@@ -8,6 +8,7 @@
 mod bench;
 mod connect;
 mod console;
+mod cp;
 mod daemon;
 mod exec;
 mod image;
@@ -55,6 +56,7 @@ enum Command {
     Sandbox(sandbox::SandboxCmd),
     Exec(exec::ExecCmd),
     Console(console::ConsoleCmd),
+    Cp(cp::CpCmd),
     Profile(profile::ProfileCmd),
     Image(image::ImageCmd),
     Status(status::StatusCmd),
@@ -163,6 +165,7 @@ pub fn main() -> ExitCode {
         Command::Sandbox(c) => sandbox::run(&global, c),
         Command::Exec(c) => exec::run(&global, c),
         Command::Console(c) => console::run(&global, c),
+        Command::Cp(c) => cp::run(&global, c),
         Command::Profile(c) => profile::run_profile(&global, c),
         Command::Image(c) => image::run(&global, c),
         Command::Status(c) => status::run(&global, c),
