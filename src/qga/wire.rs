@@ -110,6 +110,9 @@ impl Decoder {
         self.buf.len() - self.start
     }
 
+    // Not `Iterator`: `None` means "no whole frame yet", not "finished";
+    // more bytes may be pushed and `next` called again.
+    #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Option<Result<Frame, WireError>> {
         if self.skipping {
             let sync = self.buf[self.start..].iter().position(|&b| b == SYNC)?;
