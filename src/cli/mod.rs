@@ -129,6 +129,9 @@ pub fn main() -> ExitCode {
     if args.get(1).map(String::as_str) == Some("guest") {
         return crate::guest::main(&args[2..]);
     }
+    if args.get(1).map(String::as_str) == Some("agent") {
+        return crate::guest::agent::main(&args[2..]);
+    }
     let cli: Cli = argh::from_env();
     let json = wants_json(&args);
     let timeout = match cli
