@@ -549,3 +549,623 @@ pub fn main(args: &[String]) -> ExitCode {
         server.set_writer(std::mem::replace(&mut port.writer, Box::new(io::sink())));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guest::stream::lock;
+    use crate::qga::b64;
+    use crate::qga::wire::{kind, Exit, GuestExecStatus, Started, TarDone};
+    use std::sync::Mutex;
+
+    const WAIT: Duration = Duration::from_secs(20);
+
+    /// The host's end of a socketpair standing in for the virtio port.
+    struct Host {
+        sock: UnixStream,
+        decoder: Decoder,
+        next_id: u64,
+    }
+
+    /// What one stream sent.
+    #[derive(Debug, Default)]
+    struct Output {
+        stdout: Vec<u8>,
+        stderr: Vec<u8>,
+        credit_events: u64,
+        exit: Option<Exit>,
+    }
+
+    fn no_power() -> PowerFn {
+        Box::new(|_| {
+            Err(SysInfoError::Power {
+                mode: "test",
+                source: io::ErrorKind::Unsupported.into(),
+            })
+        })
+    }
+
+    impl Host {
+        fn start() -> Host {
+            Host::with_power(no_power())
+        }
+
+        fn with_power(power: PowerFn) -> Host {
+            let (host, agent) = UnixStream::pair().unwrap();
+            let reader = agent.try_clone().unwrap();
+            std::thread::spawn(move || {
+                let mut server = Server::new(Box::new(agent), power);
+                let _ = server.run(reader);
+                server.stop();
+            });
+            host.set_read_timeout(Some(WAIT)).unwrap();
+            Host {
+                sock: host,
+                decoder: Decoder::new(64 << 20),
+                next_id: 0,
+            }
+        }
+
+        fn send_raw(&mut self, bytes: &[u8]) {
+            self.sock.write_all(bytes).unwrap();
+        }
+
+        fn send(&mut self, execute: &str, arguments: Value) -> Value {
+            self.next_id += 1;
+            let id = json!(self.next_id);
+            let request = Message::Request {
+                execute: execute.into(),
+                arguments,
+                id: Some(id.clone()),
+            };
+            self.send_raw(&request.encode());
+            id
+        }
+
+        /// The next frame; `None` when nothing came for `patience`.
+        fn try_frame(&mut self, patience: Duration) -> Option<Frame> {
+            self.sock.set_read_timeout(Some(patience)).unwrap();
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                if let Some(frame) = self.decoder.next() {
+                    return Some(frame.unwrap());
+                }
+                match self.sock.read(&mut buf) {
+                    Ok(0) => panic!("the agent closed the port"),
+                    Ok(n) => self.decoder.push(&buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+                    // With a receive timeout the kernel does not restart a
+                    // read a signal woke, even one that is then ignored.
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }
+
+        fn frame(&mut self) -> Frame {
+            self.try_frame(WAIT).expect("the agent answered in time")
+        }
+
+        /// Sends a request and returns its answer, skipping other frames.
+        fn call(&mut self, execute: &str, arguments: Value) -> Result<Value, (String, String)> {
+            let id = Some(self.send(execute, arguments));
+            loop {
+                let Frame::Json(json) = self.frame() else {
+                    continue;
+                };
+                match Message::parse(&json).unwrap() {
+                    Message::Return { value, id: i } if i == id => return Ok(value),
+                    Message::Error { class, desc, id: i } if i == id => return Err((class, desc)),
+                    _ => {}
+                }
+            }
+        }
+
+        fn exec(&mut self, args: Value) -> Started {
+            serde_json::from_value(self.call(wire::CMD_EXEC, args).unwrap()).unwrap()
+        }
+
+        /// Takes one frame into `out`; false when none came for `patience`.
+        fn take(&mut self, out: &mut Output, stream: u32, patience: Duration) -> bool {
+            let Some(frame) = self.try_frame(patience) else {
+                return false;
+            };
+            match frame {
+                Frame::Data {
+                    chan,
+                    kind: k,
+                    payload,
+                } if chan == stream => match k {
+                    kind::STDOUT => out.stdout.extend(payload),
+                    kind::STDERR => out.stderr.extend(payload),
+                    other => panic!("unexpected data of kind {other}"),
+                },
+                Frame::Json(json) => {
+                    if let Message::Event { name, data } = Message::parse(&json).unwrap() {
+                        match name.as_str() {
+                            wire::EVENT_EXIT => {
+                                out.exit = Some(serde_json::from_value(data).unwrap())
+                            }
+                            wire::EVENT_CREDIT => out.credit_events += 1,
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+            true
+        }
+
+        /// Everything a stream sends until its exit event.
+        fn until_exit(&mut self, stream: u32, out: &mut Output) {
+            while out.exit.is_none() {
+                self.take(out, stream, WAIT);
+            }
+        }
+
+        /// What arrives until the line goes quiet for `quiet`.
+        fn until_quiet(&mut self, stream: u32, out: &mut Output, quiet: Duration) {
+            while self.take(out, stream, quiet) {}
+        }
+
+        fn run(&mut self, args: Value) -> Output {
+            let started = self.exec(args);
+            let mut out = Output::default();
+            self.until_exit(started.stream, &mut out);
+            out
+        }
+
+        fn exec_status(&mut self, pid: i64) -> GuestExecStatus {
+            let deadline = Instant::now() + WAIT;
+            loop {
+                let v = self
+                    .call("guest-exec-status", json!({ "pid": pid }))
+                    .unwrap();
+                let status: GuestExecStatus = serde_json::from_value(v).unwrap();
+                if status.exited || Instant::now() > deadline {
+                    return status;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+
+        fn guest_exec(&mut self, args: Value) -> GuestExecStatus {
+            let pid = self.call("guest-exec", args).unwrap()["pid"]
+                .as_i64()
+                .unwrap();
+            self.exec_status(pid)
+        }
+    }
+
+    fn text(bytes: &[u8]) -> String {
+        String::from_utf8_lossy(bytes).into_owned()
+    }
+
+    #[test]
+    fn sync_delimited_answers_0xff_then_the_id() {
+        let mut host = Host::start();
+        host.send_raw(&[SYNC]);
+        host.send_raw(br#"{"execute":"guest-sync-delimited","arguments":{"id":4242}}"#);
+        let (first, second) = (host.frame(), host.frame());
+        assert_eq!(
+            (first, second),
+            (Frame::Sync, Frame::Json(br#"{"return":4242}"#.to_vec()))
+        );
+    }
+
+    #[test]
+    fn ping_answers_empty_and_echoes_the_id() {
+        let mut host = Host::start();
+        host.send_raw(br#"{"execute":"guest-ping","id":"abc"}"#);
+        let Frame::Json(answer) = host.frame() else {
+            panic!("expected JSON")
+        };
+        assert_eq!(
+            serde_json::from_slice::<Value>(&answer).unwrap(),
+            json!({"return": {}, "id": "abc"})
+        );
+    }
+
+    #[test]
+    fn info_lists_every_extension() {
+        let mut host = Host::start();
+        let info = host.call("guest-info", Value::Null).unwrap();
+        let names: Vec<&str> = info["supported_commands"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert!(
+            wire::EXTENSIONS.iter().all(|e| names.contains(e)),
+            "{names:?}"
+        );
+        assert!(info["version"].as_str().unwrap().starts_with("agentlab "));
+    }
+
+    #[test]
+    fn every_listed_command_is_dispatched() {
+        let mut host = Host::start();
+        let not_found: Vec<&str> = all_commands()
+            .into_iter()
+            .filter(|c| *c != "guest-shutdown")
+            .filter(|c| {
+                matches!(host.call(c, json!({"__probe": 1})), Err((class, _)) if class == "CommandNotFound")
+            })
+            .collect();
+        assert_eq!(not_found, Vec::<&str>::new());
+    }
+
+    #[test]
+    fn unknown_command_is_command_not_found() {
+        let mut host = Host::start();
+        let err = host.call("guest-fsfreeze-freeze", Value::Null).unwrap_err();
+        assert_eq!(
+            err,
+            (
+                "CommandNotFound".to_string(),
+                "The command guest-fsfreeze-freeze has not been found".to_string()
+            )
+        );
+    }
+
+    #[test]
+    fn bad_arguments_are_a_generic_error() {
+        let mut host = Host::start();
+        let (class, desc) = host.call("guest-exec", json!({"arg": ["x"]})).unwrap_err();
+        assert_eq!(class, "GenericError");
+        assert!(desc.contains("missing field `path`"), "{desc}");
+    }
+
+    #[test]
+    fn guest_exec_separates_stdout_stderr_and_exit_code() {
+        let mut host = Host::start();
+        let status = host.guest_exec(json!({
+            "path": "sh", "arg": ["-c", "echo out; echo err >&2; exit 1"], "capture-output": true
+        }));
+        assert_eq!(
+            (status.exitcode, status.out_data, status.err_data),
+            (
+                Some(1),
+                Some(b64::encode(b"out\n")),
+                Some(b64::encode(b"err\n"))
+            )
+        );
+    }
+
+    #[test]
+    fn guest_exec_success_is_exit_code_0() {
+        let mut host = Host::start();
+        let status = host.guest_exec(json!({"path": "/bin/true"}));
+        assert_eq!((status.exited, status.exitcode), (true, Some(0)));
+    }
+
+    #[test]
+    fn guest_exec_of_a_missing_command_in_a_shell_is_127() {
+        let mut host = Host::start();
+        let status = host.guest_exec(json!({
+            "path": "/bin/sh", "arg": ["-c", "no-such-command-x"], "capture-output": true
+        }));
+        assert_eq!(status.exitcode, Some(127));
+    }
+
+    #[test]
+    fn guest_exec_of_a_missing_program_is_an_error() {
+        let mut host = Host::start();
+        let (_, desc) = host
+            .call("guest-exec", json!({"path": "no-such-command-x"}))
+            .unwrap_err();
+        assert_eq!(desc, "no-such-command-x: command not found");
+    }
+
+    #[test]
+    fn guest_exec_input_data_is_the_childs_stdin() {
+        let mut host = Host::start();
+        let status = host.guest_exec(json!({
+            "path": "cat", "input-data": b64::encode(b"fed in"), "capture-output": true
+        }));
+        assert_eq!(status.out_data, Some(b64::encode(b"fed in")));
+    }
+
+    #[test]
+    fn guest_exec_status_after_exited_is_an_error() {
+        let mut host = Host::start();
+        let pid = host.call("guest-exec", json!({"path": "true"})).unwrap()["pid"]
+            .as_i64()
+            .unwrap();
+        host.exec_status(pid);
+        let err = host
+            .call("guest-exec-status", json!({ "pid": pid }))
+            .unwrap_err();
+        assert_eq!(err.1, "Invalid parameter 'pid'");
+    }
+
+    #[test]
+    fn file_write_then_read_round_trips() {
+        let mut host = Host::start();
+        let path = std::env::temp_dir().join(format!("agentlab-agent-file-{}", std::process::id()));
+        let path = path.to_string_lossy().into_owned();
+        let w = host
+            .call("guest-file-open", json!({"path": path, "mode": "w"}))
+            .unwrap();
+        host.call(
+            "guest-file-write",
+            json!({"handle": w, "buf-b64": b64::encode(b"round trip")}),
+        )
+        .unwrap();
+        host.call("guest-file-close", json!({ "handle": w }))
+            .unwrap();
+        let r = host
+            .call("guest-file-open", json!({ "path": path }))
+            .unwrap();
+        let read = host
+            .call("guest-file-read", json!({"handle": r, "count": 100}))
+            .unwrap();
+        host.call("guest-file-close", json!({ "handle": r }))
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            read,
+            json!({"count": 10, "buf-b64": b64::encode(b"round trip"), "eof": true})
+        );
+    }
+
+    #[test]
+    fn exec_streams_output_in_order_and_reports_the_exit() {
+        let mut host = Host::start();
+        let out = host.run(json!({
+            "argv": ["sh", "-c", "i=0; while [ $i -lt 2000 ]; do echo line $i; i=$((i+1)); done; echo oops >&2; exit 3"]
+        }));
+        let expected: String = (0..2000).map(|i| format!("line {i}\n")).collect();
+        assert_eq!(text(&out.stdout), expected);
+        assert_eq!(
+            (text(&out.stderr), out.exit.unwrap().exitcode),
+            ("oops\n".to_string(), Some(3))
+        );
+    }
+
+    #[test]
+    fn exec_sends_no_more_than_the_credit_granted() {
+        let mut host = Host::start();
+        let started = host.exec(json!({
+            "argv": ["head", "-c", "1048576", "/dev/zero"], "window": 1024
+        }));
+        let mut out = Output::default();
+        while out.stdout.is_empty() {
+            host.take(&mut out, started.stream, WAIT);
+        }
+        host.until_quiet(started.stream, &mut out, Duration::from_millis(500));
+        let before = out.stdout.len();
+        host.send(
+            wire::CMD_CREDIT,
+            json!({"stream": started.stream, "bytes": 1 << 20}),
+        );
+        host.until_exit(started.stream, &mut out);
+        assert_eq!((before, out.stdout.len()), (1024, 1 << 20));
+    }
+
+    #[test]
+    fn exec_forwards_stdin_and_grants_credit_back() {
+        let mut host = Host::start();
+        let started = host.exec(json!({"argv": ["cat"], "stdin": true}));
+        host.send_raw(&wire::encode_data(started.stream, kind::STDIN, b"hello\n"));
+        host.send(wire::CMD_STDIN_CLOSE, json!({"stream": started.stream}));
+        let mut out = Output::default();
+        host.until_exit(started.stream, &mut out);
+        assert_eq!(started.window, wire::DEFAULT_WINDOW);
+        assert_eq!(
+            (
+                text(&out.stdout),
+                out.credit_events,
+                out.exit.unwrap().exitcode
+            ),
+            ("hello\n".to_string(), 1, Some(0))
+        );
+    }
+
+    #[test]
+    fn exec_on_a_pty_has_a_terminal_of_the_given_size() {
+        let mut host = Host::start();
+        let out = host.run(json!({
+            "argv": ["sh", "-c", "tty; stty size; echo $TERM"], "tty": {"rows": 40, "cols": 100}
+        }));
+        let text = text(&out.stdout);
+        assert!(text.starts_with("/dev/pts/"), "{text}");
+        assert!(text.contains("40 100\r\nxterm-256color"), "{text}");
+    }
+
+    #[test]
+    fn resize_reaches_the_pty() {
+        let mut host = Host::start();
+        let started = host.exec(json!({
+            "argv": ["sh", "-c", "read x; stty size"], "tty": {"rows": 24, "cols": 80}, "stdin": true
+        }));
+        host.call(
+            wire::CMD_RESIZE,
+            json!({"stream": started.stream, "rows": 50, "cols": 120}),
+        )
+        .unwrap();
+        host.send_raw(&wire::encode_data(started.stream, kind::STDIN, b"\n"));
+        let mut out = Output::default();
+        host.until_exit(started.stream, &mut out);
+        assert!(
+            text(&out.stdout).contains("50 120"),
+            "{}",
+            text(&out.stdout)
+        );
+    }
+
+    #[test]
+    fn timeout_kills_the_process_group() {
+        let mut host = Host::start();
+        let begun = Instant::now();
+        let out =
+            host.run(json!({"argv": ["sh", "-c", "sleep 100; echo never"], "timeout_ms": 300}));
+        let exit = out.exit.unwrap();
+        assert_eq!((exit.timed_out, exit.signal), (true, Some(15)));
+        assert!(begun.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn signal_reaches_the_process() {
+        let mut host = Host::start();
+        let started = host.exec(json!({"argv": ["sleep", "100"]}));
+        host.call(
+            wire::CMD_SIGNAL,
+            json!({"stream": started.stream, "signal": 9}),
+        )
+        .unwrap();
+        let mut out = Output::default();
+        host.until_exit(started.stream, &mut out);
+        assert_eq!(out.exit.unwrap().signal, Some(9));
+    }
+
+    #[test]
+    fn cancel_kills_an_exec() {
+        let mut host = Host::start();
+        let started = host.exec(json!({"argv": ["sleep", "100"]}));
+        host.call(wire::CMD_CANCEL, json!({"stream": started.stream}))
+            .unwrap();
+        let mut out = Output::default();
+        host.until_exit(started.stream, &mut out);
+        assert_eq!(out.exit.unwrap().signal, Some(9));
+    }
+
+    #[test]
+    fn exec_of_a_missing_command_exits_127_with_an_error() {
+        let mut host = Host::start();
+        let exit = host
+            .run(json!({"argv": ["no-such-command-x"]}))
+            .exit
+            .unwrap();
+        assert_eq!(
+            (exit.exitcode, exit.error.as_deref()),
+            (Some(127), Some("no-such-command-x: command not found"))
+        );
+    }
+
+    #[test]
+    fn exec_as_an_unknown_user_exits_126() {
+        let mut host = Host::start();
+        let exit = host
+            .run(json!({"argv": ["true"], "user": "no-such-user-x"}))
+            .exit
+            .unwrap();
+        assert_eq!(exit.exitcode, Some(126));
+    }
+
+    #[test]
+    fn exec_runs_as_the_user_with_their_environment() {
+        let mut host = Host::start();
+        let out = host.run(json!({
+            "argv": ["sh", "-c", "id -u; echo $USER $HOME $FOO; pwd"],
+            "user": "nobody", "env": ["FOO=bar"]
+        }));
+        assert_eq!(text(&out.stdout), "65534\nnobody /nonexistent bar\n/\n");
+    }
+
+    #[test]
+    fn exec_starts_in_the_given_cwd() {
+        let mut host = Host::start();
+        let out = host.run(json!({"argv": ["pwd"], "cwd": "/proc"}));
+        assert_eq!(text(&out.stdout), "/proc\n");
+    }
+
+    #[test]
+    fn tar_out_of_a_missing_path_is_an_error() {
+        let mut host = Host::start();
+        let (_, desc) = host
+            .call(wire::CMD_TAR_OUT, json!({"path": "/no/such/path"}))
+            .unwrap_err();
+        assert!(desc.starts_with("cannot read /no/such/path"), "{desc}");
+    }
+
+    #[test]
+    fn tar_out_ends_with_an_eof_event() {
+        let mut host = Host::start();
+        let started: Started = serde_json::from_value(
+            host.call(wire::CMD_TAR_OUT, json!({"path": "/etc/hostname"}))
+                .unwrap(),
+        )
+        .unwrap();
+        let done = loop {
+            if let Frame::Json(json) = host.frame() {
+                if let Ok(Message::Event { name, data }) = Message::parse(&json) {
+                    if name == wire::EVENT_EOF {
+                        break serde_json::from_value::<TarDone>(data).unwrap();
+                    }
+                }
+            }
+        };
+        assert_eq!(done.stream, started.stream);
+    }
+
+    #[test]
+    fn garbage_does_not_stop_the_server() {
+        let mut host = Host::start();
+        host.send_raw(b"\x00\x01garbage}]\n");
+        assert_eq!(host.call("guest-ping", Value::Null), Ok(json!({})));
+    }
+
+    #[test]
+    fn overlong_message_is_skipped_until_the_next_sync() {
+        let mut host = Host::start();
+        let mut huge = br#"{"execute":"guest-ping","arguments":{"x":""#.to_vec();
+        huge.resize(MAX_JSON + 1024, b'a');
+        host.send_raw(&huge);
+        host.send_raw(&[SYNC]);
+        assert_eq!(host.call("guest-ping", Value::Null), Ok(json!({})));
+    }
+
+    #[test]
+    fn shutdown_powers_off_without_an_answer() {
+        let modes = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&modes);
+        let mut host = Host::with_power(Box::new(move |mode| {
+            lock(&seen).push(mode);
+            Ok(())
+        }));
+        let shutdown_id = host.send("guest-shutdown", json!({"mode": "reboot"}));
+        let ping_id = host.send("guest-ping", Value::Null);
+        let Frame::Json(first) = host.frame() else {
+            panic!("expected an answer")
+        };
+        let first_id = match Message::parse(&first).unwrap() {
+            Message::Return { id, .. } | Message::Error { id, .. } => id,
+            other => panic!("{other:?}"),
+        };
+        assert_ne!(first_id, Some(shutdown_id));
+        assert_eq!(first_id, Some(ping_id));
+        assert_eq!(*lock(&modes), vec![ShutdownMode::Reboot]);
+    }
+
+    #[test]
+    fn host_hanging_up_kills_running_execs() {
+        let mut host = Host::start();
+        let started = host.exec(json!({"argv": ["sleep", "100"]}));
+        let pid = started.pid.unwrap();
+        drop(host);
+        let deadline = Instant::now() + WAIT;
+        while crate::sys::process::start_ticks(pid).is_some() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(crate::sys::process::start_ticks(pid).is_none());
+    }
+
+    #[test]
+    fn port_is_found_by_its_name() {
+        let dir = std::env::temp_dir().join(format!("agentlab-vports-{}", std::process::id()));
+        for (port, name) in [("vport0p1", "org.qemu.console.0"), ("vport0p2", PORT_NAME)] {
+            std::fs::create_dir_all(dir.join(port)).unwrap();
+            std::fs::write(dir.join(port).join("name"), format!("{name}\n")).unwrap();
+        }
+        let found = find_port(&dir, PORT_NAME);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(found, Some(PathBuf::from("/dev/vport0p2")));
+    }
+
+    #[test]
+    fn missing_ports_directory_finds_nothing() {
+        assert_eq!(find_port(Path::new("/no/such/dir"), PORT_NAME), None);
+    }
+}

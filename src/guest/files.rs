@@ -238,10 +238,12 @@ impl Files {
         Ok(json!({ "position": position, "eof": false }))
     }
 
+    /// As qemu-ga's fflush(3): written data is handed to the kernel (which
+    /// unbuffered writes already did); not an fsync.
     pub fn flush(&self, args: HandleArgs) -> Result<Value, FileError> {
         let file = self.get(args.handle)?;
-        let synced = lock(&file).sync_data();
-        synced.map_err(|source| FileError::Io {
+        let flushed = lock(&file).flush();
+        flushed.map_err(|source| FileError::Io {
             action: "flush",
             handle: args.handle,
             source,
