@@ -684,8 +684,8 @@ mod tests {
     }
 
     #[test]
-    fn inittab_keeps_a_slot_for_the_agent() {
-        assert!(rootfs_file("etc/inittab").contains("#::respawn:/run/agentlab/agentlab agent"));
+    fn inittab_runs_the_agent() {
+        assert!(rootfs_file("etc/inittab").contains("\n::respawn:/run/agentlab/agentlab agent\n"));
     }
 
     #[test]
