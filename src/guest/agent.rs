@@ -135,8 +135,9 @@ pub struct Server {
 }
 
 /// Serves one host over any byte pipe until it reads end of file, then
-/// cancels the streams still running. Used by tests (a socketpair stands in
-/// for the virtio port) and by anything that embeds the agent.
+/// cancels the streams still running: the agent on a port of your choosing
+/// (tests use `Server::new` with a fake power switch instead: here
+/// `guest-shutdown` really powers the machine off).
 pub fn serve<R: Read, W: Write + Send + 'static>(reader: R, writer: W) -> io::Result<()> {
     let mut server = Server::new(Box::new(writer), Box::new(sysinfo::power));
     let result = server.run(reader);
@@ -160,8 +161,16 @@ impl Server {
     }
 
     /// The port was reopened: answers go to `writer` from now on.
-    pub fn set_writer(&self, writer: Box<dyn Write + Send>) {
+    pub fn set_writer(&mut self, writer: Box<dyn Write + Send>) {
+        self.host_gone();
         self.outbox.set_sink(writer);
+    }
+
+    /// The host went away: half a message it left is dropped, so the next
+    /// host's first request parses even if it does not resync with 0xFF
+    /// first. Streams keep running; the next host may cancel them.
+    pub fn host_gone(&mut self) {
+        self.decoder = Decoder::new(MAX_JSON);
     }
 
     /// Reads and serves until end of file or a read error.
@@ -332,6 +341,14 @@ impl Server {
                 let arg: StreamCredit = parse(cmd, args)?;
                 json!(files::end_tar_in(arg.stream, &self.streams)?)
             }
+            _ => return self.stream_command(cmd, args),
+        };
+        Ok(Reply::Value(value))
+    }
+
+    /// The commands that act on a running stream; `{}` on success.
+    fn stream_command(&self, cmd: &str, args: Value) -> Result<Reply, CmdError> {
+        match cmd {
             wire::CMD_CREDIT => {
                 let arg: StreamCredit = parse(cmd, args)?;
                 // Credit for a stream that just ended is a harmless race.
@@ -339,7 +356,6 @@ impl Server {
                 if let Some(credit) = stream.as_ref().and_then(|s| s.output.as_ref()) {
                     credit.grant(arg.bytes);
                 }
-                json!({})
             }
             wire::CMD_STDIN_CLOSE => {
                 let arg: StreamCredit = parse(cmd, args)?;
@@ -347,7 +363,6 @@ impl Server {
                 if let Some(input) = stream.as_ref().and_then(|s| s.input.as_ref()) {
                     input.close();
                 }
-                json!({})
             }
             wire::CMD_CANCEL => {
                 let arg: StreamCredit = parse(cmd, args)?;
@@ -359,18 +374,15 @@ impl Server {
                         self.streams.remove(arg.stream);
                     }
                 }
-                json!({})
             }
             wire::CMD_RESIZE => {
                 let arg: Resize = parse(cmd, args)?;
                 self.process(arg.stream)?
                     .resize(arg.stream, arg.rows, arg.cols)?;
-                json!({})
             }
             wire::CMD_SIGNAL => {
                 let arg: SignalArgs = parse(cmd, args)?;
                 self.process(arg.stream)?.signal(arg.signal)?;
-                json!({})
             }
             _ => {
                 return Err(CmdError {
@@ -378,8 +390,8 @@ impl Server {
                     desc: format!("The command {cmd} has not been found"),
                 })
             }
-        };
-        Ok(Reply::Value(value))
+        }
+        Ok(Reply::Value(json!({})))
     }
 
     fn process(&self, stream: u32) -> Result<Arc<exec::Process>, CmdError> {
@@ -490,7 +502,10 @@ fn serve_port(server: &mut Server, port: &mut Port) -> io::Error {
     loop {
         match port.reader.read(&mut buf) {
             Ok(0) if port.eof_is_hangup => return io::ErrorKind::UnexpectedEof.into(),
-            Ok(0) => std::thread::sleep(EOF_PAUSE),
+            Ok(0) => {
+                server.host_gone();
+                std::thread::sleep(EOF_PAUSE);
+            }
             Ok(n) => server.feed(&buf[..n]),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return e,
@@ -1150,6 +1165,22 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert!(crate::sys::process::start_ticks(pid).is_none());
+    }
+
+    #[test]
+    fn half_a_message_from_a_host_that_left_is_dropped() {
+        let (host, agent) = UnixStream::pair().unwrap();
+        host.set_read_timeout(Some(WAIT)).unwrap();
+        let mut server = Server::new(Box::new(agent), no_power());
+        server.feed(br#"{"execute":"guest-info","argu"#);
+        server.host_gone();
+        server.feed(br#"{"execute":"guest-ping","id":7}"#);
+        let mut answer = [0u8; 64];
+        let n = (&host).read(&mut answer).unwrap();
+        assert_eq!(
+            serde_json::from_slice::<Value>(&answer[..n]).unwrap(),
+            json!({"return": {}, "id": 7})
+        );
     }
 
     #[test]

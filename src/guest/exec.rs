@@ -389,36 +389,16 @@ pub fn start_streamed(
         return Err(ExecError::EmptyArgv);
     }
     let id = streams.next_id();
-    let launched = prepare(
-        &args.argv,
-        args.user.as_deref(),
-        args.cwd.as_deref(),
-        |pw| {
-            let mut env = base_env(pw, args.tty.is_some());
-            add_env(&mut env, &args.env);
-            env
-        },
-    )
+    let user = args.user.as_deref();
+    let launched = prepare(&args.argv, user, args.cwd.as_deref(), |pw| {
+        let mut env = base_env(pw, args.tty.is_some());
+        add_env(&mut env, &args.env);
+        env
+    })
     .and_then(|launch| spawn_streamed(&launch, &args));
     let spawned = match launched {
         Ok(spawned) => spawned,
-        Err(e) => {
-            note!("stream {id}: {e}");
-            let started = Started {
-                stream: id,
-                pid: None,
-                window: 0,
-            };
-            let exit = Exit {
-                stream: id,
-                exitcode: Some(e.code),
-                error: Some(e.message),
-                ..Exit::default()
-            };
-            let outbox = outbox.clone();
-            let then = move || outbox.event(wire::EVENT_EXIT, &exit);
-            return Ok((json!(started), Box::new(then)));
-        }
+        Err(e) => return Ok(failed_start(id, e, outbox)),
     };
     let pid = spawned.child.id();
     let window = if args.stdin { DEFAULT_WINDOW } else { 0 };
@@ -431,26 +411,79 @@ pub fn start_streamed(
     let input = spawned
         .stdin
         .map(|stdin| Input::start(id, window, outbox.clone(), stdin_sink(id, stdin)));
-    streams.insert(
-        id,
-        Stream {
-            output: Some(Arc::clone(&credit)),
-            input,
-            control: Control::Exec(Arc::clone(&process)),
-        },
-    );
+    let stream = Stream {
+        output: Some(Arc::clone(&credit)),
+        input,
+        control: Control::Exec(Arc::clone(&process)),
+    };
+    streams.insert(id, stream);
     let started = Started {
         stream: id,
         pid: Some(pid),
         window,
     };
+    let running = Running {
+        id,
+        child: spawned.child,
+        outputs: spawned.outputs,
+        process,
+        credit,
+        timeout: args
+            .timeout_ms
+            .filter(|&ms| ms > 0)
+            .map(Duration::from_millis),
+    };
     let (streams, outbox) = (Arc::clone(streams), outbox.clone());
-    let timeout = args
-        .timeout_ms
-        .filter(|&ms| ms > 0)
-        .map(Duration::from_millis);
-    let (child, outputs) = (spawned.child, spawned.outputs);
-    let then = move || {
+    Ok((
+        json!(started),
+        Box::new(move || running.watch(streams, outbox)),
+    ))
+}
+
+/// A child that could not start: a stream all the same, whose only event
+/// is its exit, as a shell would report it.
+fn failed_start(id: u32, e: StartError, outbox: &Outbox) -> (Value, Then) {
+    note!("stream {id}: {e}");
+    let started = Started {
+        stream: id,
+        pid: None,
+        window: 0,
+    };
+    let exit = Exit {
+        stream: id,
+        exitcode: Some(e.code),
+        error: Some(e.message),
+        ..Exit::default()
+    };
+    let outbox = outbox.clone();
+    (
+        json!(started),
+        Box::new(move || outbox.event(wire::EVENT_EXIT, &exit)),
+    )
+}
+
+/// A started `agentlab-exec` child, before its threads run.
+struct Running {
+    id: u32,
+    child: Child,
+    outputs: Vec<(File, u8)>,
+    process: Arc<Process>,
+    credit: Arc<Credit>,
+    timeout: Option<Duration>,
+}
+
+impl Running {
+    /// Starts the output pump and the thread that waits for the child; the
+    /// exit event follows the last output, then the stream leaves the table.
+    fn watch(self, streams: Arc<Streams>, outbox: Outbox) {
+        let Running {
+            id,
+            child,
+            outputs,
+            process,
+            credit,
+            timeout,
+        } = self;
         let pump_outbox = outbox.clone();
         let pump = std::thread::spawn(move || pump_output(id, outputs, &credit, &pump_outbox));
         std::thread::spawn(move || {
@@ -468,8 +501,7 @@ pub fn start_streamed(
             };
             outbox.event(wire::EVENT_EXIT, &exit);
         });
-    };
-    Ok((json!(started), Box::new(then)))
+    }
 }
 
 /// Writes the host's stdin frames to the child; after the child stops
