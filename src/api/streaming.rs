@@ -340,7 +340,12 @@ fn exec_session(
         let r = match exec.next(IDLE) {
             Ok(Output::Stdout(d)) => conn.send(&wire::encode_data(0, kind::STDOUT, &d)),
             Ok(Output::Stderr(d)) => conn.send(&wire::encode_data(0, kind::STDERR, &d)),
-            Ok(Output::Exit(st)) => break conn.event(wire::EVENT_EXIT, json!(st)).map_err(io_gone),
+            Ok(Output::Exit(st)) => {
+                // Before the client hears of the exit (and hangs up), so the
+                // input pump does not take the hang-up for an abandoned command.
+                done.store(true, Ordering::SeqCst);
+                break conn.event(wire::EVENT_EXIT, json!(st)).map_err(io_gone);
+            }
             Err(AgentError::Timeout(_)) => continue,
             Err(e) => break Err(OpError::Unavailable(crate::log::error_chain(&e))),
         };

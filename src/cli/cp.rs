@@ -55,12 +55,20 @@ fn remote(spec: &str) -> Option<(&str, &str)> {
 }
 
 pub fn run(g: &Global, c: CpCmd) -> Result<(), CliError> {
-    let report = match (remote(&c.src), remote(&c.dst)) {
-        (Some(_), Some(_)) => return Err(CliError::User("copy between two sandboxes through the host: cp A:/x ./tmp, then cp ./tmp B:/y".into())),
-        (None, None) => return Err(CliError::User("one side must be <sandbox>:<path>, e.g. 1000:/work".into())),
-        (None, Some((id, path))) => upload(g, Path::new(&c.src), id, guest_path(path)?)?,
-        (Some((id, path)), None) => download(g, id, guest_path(path)?, Path::new(&c.dst))?,
-    };
+    let report =
+        match (remote(&c.src), remote(&c.dst)) {
+            (Some(_), Some(_)) => return Err(CliError::User(
+                "copy between two sandboxes through the host: cp A:/x ./tmp, then cp ./tmp B:/y"
+                    .into(),
+            )),
+            (None, None) => {
+                return Err(CliError::User(
+                    "one side must be <sandbox>:<path>, e.g. 1000:/work".into(),
+                ))
+            }
+            (None, Some((id, path))) => upload(g, Path::new(&c.src), id, guest_path(path)?)?,
+            (Some((id, path)), None) => download(g, id, guest_path(path)?, Path::new(&c.dst))?,
+        };
     if c.json {
         output::print_json(&report)
     } else {
@@ -72,13 +80,19 @@ fn guest_path(p: &str) -> Result<&str, CliError> {
     if p.starts_with('/') {
         Ok(p)
     } else {
-        Err(CliError::User(format!("guest path {p:?} must be absolute, e.g. /work/{p}")))
+        Err(CliError::User(format!(
+            "guest path {p:?} must be absolute, e.g. /work/{p}"
+        )))
     }
 }
 
 /// The name `src` goes by in the archive: its last component.
 fn root_name(src: &Path) -> Result<String, CliError> {
-    let abs = if src.file_name().is_none() { src.canonicalize()? } else { src.to_path_buf() };
+    let abs = if src.file_name().is_none() {
+        src.canonicalize()?
+    } else {
+        src.to_path_buf()
+    };
     abs.file_name()
         .and_then(|n| n.to_str())
         .map(str::to_string)
@@ -86,7 +100,8 @@ fn root_name(src: &Path) -> Result<String, CliError> {
 }
 
 fn upload(g: &Global, src: &Path, id: &str, dest: &str) -> Result<Value, CliError> {
-    std::fs::symlink_metadata(src).map_err(|e| CliError::User(format!("{}: {e}", src.display())))?;
+    std::fs::symlink_metadata(src)
+        .map_err(|e| CliError::User(format!("{}: {e}", src.display())))?;
     let root = root_name(src)?;
     let path = format!(
         "/v1/sandboxes/{}/files?path={}&root={}",
@@ -108,12 +123,21 @@ fn upload(g: &Global, src: &Path, id: &str, dest: &str) -> Result<Value, CliErro
             return Err(CliError::User(format!("reading {}: {e}", src.display())));
         }
     };
-    let end = Message::Request { execute: wire::CMD_TAR_IN_END.into(), arguments: json!({ "stream": 0 }), id: None };
+    let end = Message::Request {
+        execute: wire::CMD_TAR_IN_END.into(),
+        arguments: json!({ "stream": 0 }),
+        id: None,
+    };
     sink.stream.write_all(&end.encode())?;
-    let done = wait_eof(Upgraded { stream: reader, pending: up.pending });
+    let done = wait_eof(Upgraded {
+        stream: reader,
+        pending: up.pending,
+    });
     progress.done();
     let done = done?;
-    Ok(json!({ "from": src.display().to_string(), "to": format!("{id}:{dest}"), "entries": done["entries"], "bytes": done["bytes"] }))
+    Ok(
+        json!({ "from": src.display().to_string(), "to": format!("{id}:{dest}"), "entries": done["entries"], "bytes": done["bytes"] }),
+    )
 }
 
 fn download(g: &Global, id: &str, src: &str, dest: &Path) -> Result<Value, CliError> {
@@ -126,52 +150,88 @@ fn download(g: &Global, id: &str, src: &str, dest: &Path) -> Result<Value, CliEr
             _ => PathBuf::from("."),
         };
         if !parent.is_dir() {
-            return Err(CliError::User(format!("{}: no such directory", parent.display())));
+            return Err(CliError::User(format!(
+                "{}: no such directory",
+                parent.display()
+            )));
         }
-        let name = dest.file_name().and_then(|n| n.to_str()).map(str::to_string);
+        let name = dest
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_string);
         (parent, name)
     };
-    let path = format!("/v1/sandboxes/{}/files?path={}", percent_encode_component(id), percent_encode_component(src));
+    let path = format!(
+        "/v1/sandboxes/{}/files?path={}",
+        percent_encode_component(id),
+        percent_encode_component(src)
+    );
     let up = client(g)?.upgrade("GET", &path, None)?;
-    let opts = ExtractOptions { rename_root, untrusted: true, ..ExtractOptions::default() };
+    let opts = ExtractOptions {
+        rename_root,
+        untrusted: true,
+        ..ExtractOptions::default()
+    };
     let mut ex = Extractor::new(&dir, opts).map_err(|e| CliError::Host(e.to_string()))?;
     let mut progress = Progress::new("received");
     let mut frames = FrameReader::new(up.stream, &up.pending, 1 << 20);
     let mut total = 0u64;
     let result = loop {
         match frames.next_frame()? {
-            Some(Frame::Data { kind: kind::TAR, payload, .. }) => {
+            Some(Frame::Data {
+                kind: kind::TAR,
+                payload,
+                ..
+            }) => {
                 total += payload.len() as u64;
                 progress.show(total);
                 if let Err(e) = ex.feed(&payload) {
-                    break Err(CliError::Host(format!("unpacking what the guest sent: {e}")));
+                    break Err(CliError::Host(format!(
+                        "unpacking what the guest sent: {e}"
+                    )));
                 }
             }
             Some(Frame::Json(j)) => match event(&j) {
-                Some(Ok(_)) => break ex.finish().map_err(|e| CliError::Host(format!("unpacking: {e}"))),
+                Some(Ok(_)) => {
+                    break ex
+                        .finish()
+                        .map_err(|e| CliError::Host(format!("unpacking: {e}")))
+                }
                 Some(Err(e)) => break Err(e),
                 None => {}
             },
             Some(_) => {}
-            None => break Err(CliError::Host("agentlabd closed the copy before it ended".into())),
+            None => {
+                break Err(CliError::Host(
+                    "agentlabd closed the copy before it ended".into(),
+                ))
+            }
         }
     };
     progress.done();
     let stats = result?;
-    Ok(json!({ "from": format!("{id}:{src}"), "to": dest.display().to_string(), "entries": stats.entries, "bytes": stats.bytes }))
+    Ok(
+        json!({ "from": format!("{id}:{src}"), "to": dest.display().to_string(), "entries": stats.entries, "bytes": stats.bytes }),
+    )
 }
 
 /// `agentlab-eof` → Ok(data); `agentlab-error` → Err; anything else → None.
 fn event(j: &[u8]) -> Option<Result<Value, CliError>> {
     match Message::parse(j) {
-        Ok(Message::Event { name, data }) if name == wire::EVENT_EOF => Some(match data["error"].as_str() {
-            Some(e) => Err(CliError::User(e.to_string())),
-            None => Ok(data),
-        }),
+        Ok(Message::Event { name, data }) if name == wire::EVENT_EOF => {
+            Some(match data["error"].as_str() {
+                Some(e) => Err(CliError::User(e.to_string())),
+                None => Ok(data),
+            })
+        }
         Ok(Message::Event { name, data }) if name == "agentlab-error" => {
             let msg = data["error"].as_str().unwrap_or("copy failed").to_string();
             let user = (400..500).contains(&data["status"].as_u64().unwrap_or(500));
-            Some(Err(if user { CliError::User(msg) } else { CliError::Host(msg) }))
+            Some(Err(if user {
+                CliError::User(msg)
+            } else {
+                CliError::Host(msg)
+            }))
         }
         _ => None,
     }
@@ -187,7 +247,11 @@ fn wait_eof(up: Upgraded) -> Result<Value, CliError> {
                 }
             }
             Some(_) => {}
-            None => return Err(CliError::Host("agentlabd closed the copy before it ended".into())),
+            None => {
+                return Err(CliError::Host(
+                    "agentlabd closed the copy before it ended".into(),
+                ))
+            }
         }
     }
 }
@@ -200,7 +264,8 @@ struct FrameSink {
 impl Write for FrameSink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = buf.len().min(wire::MAX_DATA);
-        self.stream.write_all(&wire::encode_data(0, kind::TAR, &buf[..n]))?;
+        self.stream
+            .write_all(&wire::encode_data(0, kind::TAR, &buf[..n]))?;
         Ok(n)
     }
 
@@ -221,7 +286,13 @@ struct Progress {
 impl Progress {
     fn new(verb: &'static str) -> Progress {
         let now = Instant::now();
-        Progress { verb, start: now, last: now, shown: false, on: std::io::stderr().is_terminal() }
+        Progress {
+            verb,
+            start: now,
+            last: now,
+            shown: false,
+            on: std::io::stderr().is_terminal(),
+        }
     }
 
     fn show(&mut self, bytes: u64) {
@@ -230,7 +301,12 @@ impl Progress {
         }
         self.last = Instant::now();
         let secs = self.start.elapsed().as_secs_f64().max(0.001);
-        eprint!("\r{} {} ({}/s)   ", self.verb, output::bytes(bytes), output::bytes((bytes as f64 / secs) as u64));
+        eprint!(
+            "\r{} {} ({}/s)   ",
+            self.verb,
+            output::bytes(bytes),
+            output::bytes((bytes as f64 / secs) as u64)
+        );
         self.shown = true;
     }
 

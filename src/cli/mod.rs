@@ -139,6 +139,9 @@ pub fn main() -> ExitCode {
     if args.get(1).map(String::as_str) == Some("guest") {
         return crate::guest::main(&args[2..]);
     }
+    if args.get(1).map(String::as_str) == Some("agent") {
+        return crate::guest::agent::main(&args[2..]);
+    }
     let mut args = args;
     exec::split_short_switches(&mut args);
     let cli = match parse(&args) {

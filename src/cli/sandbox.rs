@@ -489,6 +489,31 @@ fn show_fields(s: &Sandbox, now: Timestamp) -> Vec<(&'static str, String)> {
             rt.map(|r| r.accel.clone()).unwrap_or_default(),
         ),
         ("run dir", rt.map(|r| r.run_dir.clone()).unwrap_or_default()),
+        (
+            "guest os",
+            s.guest.as_ref().map(|g| g.os.clone()).unwrap_or_default(),
+        ),
+        (
+            "guest kernel",
+            s.guest
+                .as_ref()
+                .map(|g| g.kernel.clone())
+                .unwrap_or_default(),
+        ),
+        (
+            "guest agent",
+            s.guest
+                .as_ref()
+                .map(|g| g.agent.clone())
+                .unwrap_or_default(),
+        ),
+        (
+            "addresses",
+            s.guest
+                .as_ref()
+                .map(|g| g.addresses.join(", "))
+                .unwrap_or_default(),
+        ),
         ("mac", s.mac.clone()),
         ("ip", s.ip.clone().unwrap_or_default()),
         (

@@ -1,10 +1,25 @@
-//! What the agentlab binary does inside the default guest (`agentlab guest …`).
+//! What the agentlab binary does inside a guest.
 //!
-//! For now one duty of the initramfs's `/init`: `grow-root <mountpoint>` grows
-//! the root filesystem to fill its disk, so a sandbox whose overlay is bigger
-//! than the base image gets the space. The guest agent (the QGA server) comes
-//! here next. Not here: the ext4 superblock and ioctl (`sys::ext4`), the
-//! image these run in (`image::default_guest`).
+//! - `agentlab agent` (`agent`, with `exec`, `files`, `sysinfo` and `stream`):
+//!   the guest agent, a QGA server on the virtio-serial port.
+//! - `agentlab guest grow-root <mountpoint>`, a duty of the initramfs's
+//!   `/init` (this file): grows the root filesystem to fill its disk, so a
+//!   sandbox whose overlay is bigger than the base image gets the space.
+//!
+//! Not here: the ext4 superblock and ioctl (`sys::ext4`), ptys and the
+//! child setup (`sys::pty`), the wire format (`qga::wire`), the image these
+//! run in (`image::default_guest`).
+
+/// One line on the console (the agent's stderr): `agentlab-agent: …`.
+macro_rules! note {
+    ($($t:tt)*) => { eprintln!("agentlab-agent: {}", format_args!($($t)*)) }
+}
+
+pub mod agent;
+pub mod exec;
+pub mod files;
+pub mod stream;
+pub mod sysinfo;
 
 use std::fs::File;
 use std::io;

@@ -75,7 +75,7 @@ const ROOTFS_DIRS: [(&str, u32); 17] = [
 ];
 
 /// Files of the root disk: path, mode, contents (from `initramfs/rootfs/`).
-const ROOTFS_FILES: [(&str, u32, &str); 10] = [
+const ROOTFS_FILES: [(&str, u32, &str); 11] = [
     (
         "etc/inittab",
         0o644,
@@ -115,6 +115,11 @@ const ROOTFS_FILES: [(&str, u32, &str); 10] = [
         "etc/hosts",
         0o644,
         include_str!("../../initramfs/rootfs/etc/hosts"),
+    ),
+    (
+        "etc/os-release",
+        0o644,
+        include_str!("../../initramfs/rootfs/etc/os-release"),
     ),
     (
         "etc/profile",
@@ -264,7 +269,9 @@ pub fn build(
         kernel: Some(KERNEL_FILE.to_string()),
         initrd: Some(INITRD_FILE.to_string()),
         cmdline: Some(CMDLINE.to_string()),
-        ready_on: format!("console:{READY_MARKER}"),
+        // READY when the guest agent answers (it can be asked again after a
+        // daemon restart, unlike a console line that may have gone unread).
+        ready_on: "agent".to_string(),
         virtual_size: opts.disk_size,
         kernel_version: Some(inputs.kernel.version.clone()),
         built_at: Timestamp::now().to_string(),
@@ -684,8 +691,8 @@ mod tests {
     }
 
     #[test]
-    fn inittab_keeps_a_slot_for_the_agent() {
-        assert!(rootfs_file("etc/inittab").contains("#::respawn:/run/agentlab/agentlab agent"));
+    fn inittab_runs_the_agent() {
+        assert!(rootfs_file("etc/inittab").contains("\n::respawn:/run/agentlab/agentlab agent\n"));
     }
 
     #[test]

@@ -112,9 +112,17 @@ impl Decoder {
 
     fn next_frame(&mut self) -> Option<Result<Frame, WireError>> {
         if self.skipping {
-            let sync = self.buf[self.start..].iter().position(|&b| b == SYNC)?;
-            self.start += sync;
-            self.skipping = false;
+            match self.buf[self.start..].iter().position(|&b| b == SYNC) {
+                Some(sync) => {
+                    self.start += sync;
+                    self.skipping = false;
+                }
+                None => {
+                    // Nothing up to here is worth keeping.
+                    self.start = self.buf.len();
+                    return None;
+                }
+            }
         }
         if self.scan.is_some() {
             return self.scan_object();
@@ -642,6 +650,18 @@ mod tests {
             frames(&mut d),
             vec![Ok(Frame::Sync), Ok(Frame::Json(b"{\"ok\":1}".to_vec()))]
         );
+    }
+
+    #[test]
+    fn skipping_after_an_overlong_message_holds_nothing() {
+        let mut d = Decoder::new(16);
+        d.push(br#"{"this object": "never ends"#);
+        assert_eq!(d.next(), Some(Err(WireError::JsonTooLong { max: 16 })));
+        for _ in 0..100 {
+            d.push(&[b'x'; 1000]);
+            assert_eq!(d.next(), None);
+        }
+        assert_eq!(d.buffered(), 0);
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! The only room with `unsafe`: process inspection and control, pidfds,
-//! KVM probing, and (in `ext4`) the online-resize ioctl used in the guest.
+//! KVM probing, and, used in the guest, the online-resize ioctl (`ext4`) and
+//! pseudo-terminals with the between-fork-and-exec setup of the agent's
+//! children (`pty`).
 //!
 //! Everything outside `sys` is `unsafe`-free; each `unsafe` block here says
 //! why it is sound in a `// SAFETY:` comment.
@@ -7,5 +9,6 @@
 pub mod ext4;
 pub mod kvm;
 pub mod process;
+pub mod pty;
 pub mod tty;
 pub mod users;
