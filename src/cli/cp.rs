@@ -99,7 +99,7 @@ fn root_name(src: &Path) -> Result<String, CliError> {
         .ok_or_else(|| CliError::User(format!("cannot name {} in the copy", src.display())))
 }
 
-fn upload(g: &Global, src: &Path, id: &str, dest: &str) -> Result<Value, CliError> {
+pub(super) fn upload(g: &Global, src: &Path, id: &str, dest: &str) -> Result<Value, CliError> {
     std::fs::symlink_metadata(src)
         .map_err(|e| CliError::User(format!("{}: {e}", src.display())))?;
     let root = root_name(src)?;
@@ -140,7 +140,7 @@ fn upload(g: &Global, src: &Path, id: &str, dest: &str) -> Result<Value, CliErro
     )
 }
 
-fn download(g: &Global, id: &str, src: &str, dest: &Path) -> Result<Value, CliError> {
+pub(super) fn download(g: &Global, id: &str, src: &str, dest: &Path) -> Result<Value, CliError> {
     // docker cp: into DEST if it is a directory; else DEST is the copy's new name.
     let (dir, rename_root) = if dest.is_dir() {
         (dest.to_path_buf(), None)

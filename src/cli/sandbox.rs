@@ -59,6 +59,9 @@ struct NewCmd {
     /// name for the sandbox (default: sbx-<vmid>)
     #[argh(option)]
     name: Option<String>,
+    /// boot this base image instead of the profile's (see `agentlab image list`)
+    #[argh(option)]
+    image: Option<String>,
     /// lease: destroy the sandbox after this long, e.g. 30m, 2h (default: the profile's)
     #[argh(option)]
     ttl: Option<String>,
@@ -280,6 +283,7 @@ fn new(g: &Global, c: NewCmd) -> Result<(), CliError> {
         "profile": c.profile,
         "modifiers": c.modifiers.iter().map(|m| m.trim_start_matches('+')).collect::<Vec<_>>(),
         "name": c.name,
+        "image": c.image,
         "ttl": c.ttl,
         "keepalive": c.keepalive.then_some(true),
     });

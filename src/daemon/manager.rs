@@ -219,6 +219,13 @@ impl Manager {
             .resolve(req.profile.as_deref(), &req.modifiers)
             .map_err(|e| OpError::BadRequest(crate::log::error_chain(&e)))?
             .clone();
+        let profile = match &req.image {
+            Some(image) => Profile {
+                image: image.clone(),
+                ..profile
+            },
+            None => profile,
+        };
         let ttl = self.ttl_for(&req, &profile)?;
         if let Some(name) = &req.name {
             model::validate_name(name).map_err(OpError::BadRequest)?;
