@@ -69,11 +69,31 @@ pub const QGA_COMMANDS: &[&str] = &[
 #[derive(FromArgs)]
 /// The guest agent: answers the QEMU guest-agent protocol (and agentlab's
 /// extensions) on the virtio-serial port org.qemu.guest_agent.0.
+#[argh(
+    example = "agentlab agent                 # serve the port (init or systemd runs this)",
+    example = "agentlab agent --install       # in a systemd guest: install and start the service",
+    note = "--install writes /etc/systemd/system/agentlab-agent.service and a udev rule \
+that starts it when QEMU's guest-agent port appears (as Debian's qemu-guest-agent \
+does); it conflicts with qemu-guest-agent.service, since only one agent can hold the port."
+)]
 struct AgentArgs {
     /// the port to serve instead of the virtio-serial one: a character
     /// device, a pty or a Unix socket to connect to
     #[argh(option)]
     device: Option<PathBuf>,
+    /// install the agent as a systemd service started with the port, and start it
+    #[argh(switch)]
+    install: bool,
+    /// with --install: only write the files; run neither systemctl nor
+    /// udevadm (for preparing an image offline)
+    #[argh(switch)]
+    no_enable: bool,
+    /// with --install: unit directory (default /etc/systemd/system)
+    #[argh(option, default = "PathBuf::from(\"/etc/systemd/system\")")]
+    unit_dir: PathBuf,
+    /// with --install: udev rules directory (default /etc/udev/rules.d)
+    #[argh(option, default = "PathBuf::from(\"/etc/udev/rules.d\")")]
+    udev_dir: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -534,6 +554,9 @@ pub fn main(args: &[String]) -> ExitCode {
             };
         }
     };
+    if parsed.install {
+        return install(&parsed);
+    }
     let device = parsed.device.as_deref();
     let mut port = match open_port(device) {
         Ok(port) => port,
@@ -562,6 +585,37 @@ pub fn main(args: &[String]) -> ExitCode {
             }
         };
         server.set_writer(std::mem::replace(&mut port.writer, Box::new(io::sink())));
+    }
+}
+
+fn install(args: &AgentArgs) -> ExitCode {
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            note!("cannot find my own binary: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let plan = crate::guest::install::InstallPlan {
+        exe,
+        unit_dir: args.unit_dir.clone(),
+        udev_dir: args.udev_dir.clone(),
+        enable: !args.no_enable,
+    };
+    match crate::guest::install::install(&plan) {
+        Ok(wrote) => {
+            for path in wrote {
+                println!("wrote {}", path.display());
+            }
+            if plan.enable {
+                println!("{} enabled", crate::guest::install::UNIT_NAME);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            note!("install failed: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

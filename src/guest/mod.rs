@@ -18,6 +18,7 @@ macro_rules! note {
 pub mod agent;
 pub mod exec;
 pub mod files;
+pub mod install;
 pub mod stream;
 pub mod sysinfo;
 
