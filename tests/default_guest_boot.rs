@@ -54,7 +54,7 @@ impl Guest {
             PathBuf::from(env!("CARGO_BIN_EXE_agentlab")),
         );
         let manifest = default_guest::build(&opts, &mut |line| eprintln!("{line}")).unwrap();
-        let image_dir = default_guest::image_dir(&images);
+        let image_dir = default_guest::image_dir(&images, default_guest::GuestAgent::Agentlab);
         let created = Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
             .arg(image_dir.join(&manifest.disk))

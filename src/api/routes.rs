@@ -19,6 +19,7 @@ use super::types::{
 };
 use crate::daemon::bus::{BusItem, Filter};
 use crate::daemon::manager::{Manager, OpError};
+use crate::image::default_guest::GuestAgent;
 use crate::time::parse_duration;
 
 /// Most events a non-streaming history request returns.
@@ -90,7 +91,12 @@ fn route(m: &Arc<Manager>, req: &Request, socket: &str) -> Result<Reply, OpError
         ("GET", ["v1", "images"]) => ok(200, &json!({"images": m.backend().images()})),
         ("POST", ["v1", "images", "default", "build"]) => {
             let r: BuildImageRequest = body(req)?;
-            let lines = m.build_default_image(r.force)?;
+            let agent = if r.qemu_ga {
+                GuestAgent::QemuGa
+            } else {
+                GuestAgent::Agentlab
+            };
+            let lines = m.build_default_image(agent, r.force)?;
             let images = m.backend().images();
             ok(
                 200,

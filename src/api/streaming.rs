@@ -316,8 +316,10 @@ fn exec_session(
         conn.stream.try_clone().map_err(io_gone)?,
         std::mem::take(&mut conn.pending),
     );
-    // A stock qemu-ga takes stdin only up front: gather it first.
-    let stdin_data = if spec.stdin && !extended {
+    // A stock qemu-ga takes stdin only up front: gather it first. Not for a
+    // terminal, which qemu-ga refuses anyway (exec_start says so): a raw-mode
+    // client never sends the end of its input, and would hang here.
+    let stdin_data = if spec.stdin && !extended && spec.tty.is_none() {
         conn.switch().map_err(io_gone)?;
         Some(
             frames

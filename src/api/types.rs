@@ -113,6 +113,9 @@ pub struct ConsoleInput {
 pub struct BuildImageRequest {
     #[serde(default)]
     pub force: bool,
+    /// Build `default-qemu-ga` (the stock qemu-ga as guest agent) instead.
+    #[serde(default)]
+    pub qemu_ga: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

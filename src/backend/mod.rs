@@ -252,9 +252,11 @@ pub trait Backend: Send + Sync {
         Vec::new()
     }
 
-    /// Builds the default guest image; `force` rebuilds it.
+    /// Builds the default guest image, or its variant running `agent`;
+    /// `force` rebuilds it.
     fn build_default_image(
         &self,
+        _agent: crate::image::default_guest::GuestAgent,
         _force: bool,
         _progress: &mut dyn FnMut(&str),
     ) -> Result<(), BackendError> {

@@ -5,6 +5,7 @@ use serde_json::json;
 
 use super::connect::client;
 use super::{output, CliError, Global};
+use crate::image::default_guest::GuestAgent;
 
 #[derive(FromArgs)]
 /// Base images: list them, or build the default guest.
@@ -40,13 +41,20 @@ struct ImageList {
 #[argh(
     subcommand,
     name = "build-default",
+    example = "agentlab image build-default --qemu-ga",
     note = "Needs linux-image-cloud-amd64 (or any kernel with virtio modules), busybox-static and e2fsprogs. \
-`sandbox new` builds it on first use by itself."
+`sandbox new` builds it on first use by itself. --qemu-ga builds the variant `default-qemu-ga`, whose guest \
+answers through Debian's stock qemu-ga (apt-get install qemu-guest-agent) rather than agentlab's agent: \
+profiles select it with `image: default-qemu-ga`; exec output then arrives at the end, stdin is read up \
+front and there is no -t."
 )]
 struct BuildDefault {
     /// rebuild even if it exists (refused while sandboxes use it)
     #[argh(switch)]
     force: bool,
+    /// build `default-qemu-ga`: the same guest running the host's stock qemu-ga as its agent
+    #[argh(switch)]
+    qemu_ga: bool,
     /// print JSON
     #[argh(switch)]
     json: bool,
@@ -83,15 +91,23 @@ pub fn run(g: &Global, c: ImageCmd) -> Result<(), CliError> {
             output::table(&["NAME", "FORMAT", "SIZE", "BOOT", "PATH"], &rows)
         }
         ImageSub::BuildDefault(c) => {
-            output::progress("building the default guest image…", false);
-            let r = client(g)?.post("/v1/images/default/build", &json!({ "force": c.force }))?;
+            let name = if c.qemu_ga {
+                GuestAgent::QemuGa.image_name()
+            } else {
+                GuestAgent::Agentlab.image_name()
+            };
+            output::progress(&format!("building the {name} guest image…"), false);
+            let r = client(g)?.post(
+                "/v1/images/default/build",
+                &json!({ "force": c.force, "qemu_ga": c.qemu_ga }),
+            )?;
             if c.json {
                 return output::print_json(&r);
             }
             for l in r["progress"].as_array().cloned().unwrap_or_default() {
                 output::line(l.as_str().unwrap_or(""))?;
             }
-            output::line("default guest image ready")
+            output::line(&format!("{name} guest image ready"))
         }
     }
 }

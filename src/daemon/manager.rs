@@ -24,6 +24,7 @@ use crate::api::types::{
 };
 use crate::backend::{Backend, BackendError, StopMode, VmEvent};
 use crate::config::{Config, Profile, Profiles};
+use crate::image::default_guest::GuestAgent;
 use crate::model::{self, check_action, Action, EventDraft, Sandbox, State};
 use crate::qga::client::AgentError;
 use crate::qga::session::{Exec, ExecSpec, Session};
@@ -594,30 +595,32 @@ impl Manager {
         })
     }
 
-    /// Builds the default guest; a rebuild would swap the base under live
-    /// overlays, so `force` is refused while any sandbox uses the image.
-    pub fn build_default_image(&self, force: bool) -> Result<Vec<String>, OpError> {
+    /// Builds the default guest (or its variant running `agent`); a rebuild
+    /// would swap the base under live overlays, so `force` is refused while
+    /// any sandbox uses that image.
+    pub fn build_default_image(
+        &self,
+        agent: GuestAgent,
+        force: bool,
+    ) -> Result<Vec<String>, OpError> {
+        let image = agent.image_name();
         if force {
             let users: Vec<String> = self
                 .list(false)?
                 .iter()
-                .filter(|s| {
-                    s.disk
-                        .as_ref()
-                        .is_some_and(|d| d.image == crate::image::store::DEFAULT_IMAGE)
-                })
+                .filter(|s| s.disk.as_ref().is_some_and(|d| d.image == image))
                 .map(|s| s.vmid.to_string())
                 .collect();
             if !users.is_empty() {
                 return Err(OpError::Conflict(format!(
-                    "sandboxes {} use the default image; destroy them before rebuilding it",
+                    "sandboxes {} use the {image} image; destroy them before rebuilding it",
                     users.join(", ")
                 )));
             }
         }
         let mut lines = Vec::new();
         self.backend
-            .build_default_image(force, &mut |l| lines.push(l.to_string()))?;
+            .build_default_image(agent, force, &mut |l| lines.push(l.to_string()))?;
         Ok(lines)
     }
 

@@ -10,8 +10,14 @@
 //! needs no checkout. It does not boot anything (the QEMU backend does) and
 //! does not manage other images.
 //!
+//! A variant, `<images_dir>/default-qemu-ga/` ([`GuestAgent::QemuGa`]), is the
+//! same guest with Debian's stock `qemu-ga` answering the host instead of
+//! agentlab's agent (so the host's qemu-ga fallbacks can be exercised): the
+//! host's `/usr/sbin/qemu-ga` and its shared libraries (`guest_libs`) go on
+//! the root disk, and `initramfs/rootfs-qemu-ga/usr/sbin/run-qemu-ga` starts it.
+//!
 //! The image appears whole or not at all: it is built in
-//! `<images_dir>/.default.tmp-<pid>` and renamed into place when complete. Its
+//! `<images_dir>/.<name>.tmp-<pid>` and renamed into place when complete. Its
 //! files are then read-only, since sandboxes' qcow2 overlays sit on
 //! `rootfs.raw`: rebuilding with `force` swaps in a new disk under any overlay
 //! made on the old one, so callers rebuild only with no sandbox on it.
@@ -24,6 +30,7 @@ use std::process::{Command, Stdio};
 
 use super::cpio::{CpioError, CpioWriter};
 use super::elf::{self, ElfError, Linkage};
+use super::guest_libs::{self, LibsError};
 use super::kernel::{GuestKernel, KernelError};
 use super::kmod::{self, ModulePath};
 use super::manifest::{self, Manifest, ManifestError};
@@ -31,6 +38,10 @@ use crate::time::Timestamp;
 
 /// The image's name and its directory's name under `images_dir`.
 pub const IMAGE_NAME: &str = "default";
+/// The variant whose guest runs the stock qemu-ga.
+pub const QEMU_GA_IMAGE_NAME: &str = "default-qemu-ga";
+/// Where Debian's qemu-guest-agent puts qemu-ga; the guest has it there too.
+pub const DEFAULT_QEMU_GA: &str = "/usr/sbin/qemu-ga";
 /// The line the guest prints on its console when it is up (`/etc/init.d/rcS`).
 pub const READY_MARKER: &str = "AGENTLAB-READY";
 /// The kernel command line; the backend appends `agentlab.hostname=<name>`.
@@ -52,6 +63,16 @@ const JOURNAL_MIB: &str = "8";
 
 const INIT_SCRIPT: &str = include_str!("../../initramfs/init");
 const MODULE_LIST: &str = include_str!("../../initramfs/modules");
+/// The inittab line that runs agentlab's agent, and the one that replaces it
+/// in the qemu-ga variant.
+const INITTAB: &str = include_str!("../../initramfs/rootfs/etc/inittab");
+const AGENT_LINE: &str = "::respawn:/run/agentlab/agentlab agent\n";
+const QEMU_GA_LINE: &str = "::respawn:/usr/sbin/run-qemu-ga\n";
+const RUN_QEMU_GA: (&str, u32, &str) = (
+    "usr/sbin/run-qemu-ga",
+    0o755,
+    include_str!("../../initramfs/rootfs-qemu-ga/usr/sbin/run-qemu-ga"),
+);
 
 /// Directories of the root disk, with their modes.
 const ROOTFS_DIRS: [(&str, u32); 17] = [
@@ -74,70 +95,64 @@ const ROOTFS_DIRS: [(&str, u32); 17] = [
     ("var/tmp", 0o1777),
 ];
 
-/// Files of the root disk: path, mode, contents (from `initramfs/rootfs/`).
-const ROOTFS_FILES: [(&str, u32, &str); 11] = [
-    (
-        "etc/inittab",
-        0o644,
-        include_str!("../../initramfs/rootfs/etc/inittab"),
-    ),
-    (
-        "etc/init.d/rcS",
-        0o755,
-        include_str!("../../initramfs/rootfs/etc/init.d/rcS"),
-    ),
-    (
-        "etc/acpi/PWRF/00000080",
-        0o755,
-        include_str!("../../initramfs/rootfs/etc/acpi/PWRF/00000080"),
-    ),
-    (
-        "etc/passwd",
-        0o644,
-        include_str!("../../initramfs/rootfs/etc/passwd"),
-    ),
-    (
-        "etc/shadow",
-        0o600,
-        include_str!("../../initramfs/rootfs/etc/shadow"),
-    ),
-    (
-        "etc/group",
-        0o644,
-        include_str!("../../initramfs/rootfs/etc/group"),
-    ),
-    (
-        "etc/hostname",
-        0o644,
-        include_str!("../../initramfs/rootfs/etc/hostname"),
-    ),
-    (
-        "etc/hosts",
-        0o644,
-        include_str!("../../initramfs/rootfs/etc/hosts"),
-    ),
-    (
-        "etc/os-release",
-        0o644,
-        include_str!("../../initramfs/rootfs/etc/os-release"),
-    ),
-    (
-        "etc/profile",
-        0o644,
-        include_str!("../../initramfs/rootfs/etc/profile"),
-    ),
-    (
-        "usr/share/udhcpc/default.script",
-        0o755,
-        include_str!("../../initramfs/rootfs/usr/share/udhcpc/default.script"),
-    ),
+/// A file of the root disk from `initramfs/rootfs/`: path, mode, contents.
+macro_rules! rootfs_file {
+    ($path:literal, $mode:literal) => {
+        (
+            $path,
+            $mode,
+            include_str!(concat!("../../initramfs/rootfs/", $path)),
+        )
+    };
+}
+
+/// Files of the root disk (`etc/inittab` is [`inittab`]'s, since its agent
+/// line depends on the variant).
+const ROOTFS_FILES: [(&str, u32, &str); 10] = [
+    rootfs_file!("etc/init.d/rcS", 0o755),
+    rootfs_file!("etc/acpi/PWRF/00000080", 0o755),
+    rootfs_file!("etc/passwd", 0o644),
+    rootfs_file!("etc/shadow", 0o600),
+    rootfs_file!("etc/group", 0o644),
+    rootfs_file!("etc/hostname", 0o644),
+    rootfs_file!("etc/hosts", 0o644),
+    rootfs_file!("etc/os-release", 0o644),
+    rootfs_file!("etc/profile", 0o644),
+    rootfs_file!("usr/share/udhcpc/default.script", 0o755),
 ];
 
 /// Symlinks of the root disk: path, target.
 const ROOTFS_SYMLINKS: [(&str, &str); 1] = [("etc/mtab", "/proc/mounts")];
 
+/// Which agent answers the host inside the guest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GuestAgent {
+    /// `agentlab agent` (streaming exec, PTYs, tar streams): image `default`.
+    #[default]
+    Agentlab,
+    /// Debian's stock qemu-ga: image `default-qemu-ga`.
+    QemuGa,
+}
+
+impl GuestAgent {
+    /// The image's name, which is also its directory's under `images_dir`.
+    pub fn image_name(self) -> &'static str {
+        match self {
+            GuestAgent::Agentlab => IMAGE_NAME,
+            GuestAgent::QemuGa => QEMU_GA_IMAGE_NAME,
+        }
+    }
+
+    /// The variant an image name means, if it names one of ours.
+    pub fn for_image(name: &str) -> Option<GuestAgent> {
+        [GuestAgent::Agentlab, GuestAgent::QemuGa]
+            .into_iter()
+            .find(|a| a.image_name() == name)
+    }
+}
+
 pub struct BuildOptions {
-    /// Where images live; the guest goes to `<images_dir>/default/`.
+    /// Where images live; the guest goes to `<images_dir>/<agent's image name>/`.
     pub images_dir: PathBuf,
     /// `/boot/vmlinuz-<version>`; `None` picks one (see [`GuestKernel::detect`]).
     pub kernel: Option<PathBuf>,
@@ -150,6 +165,10 @@ pub struct BuildOptions {
     pub disk_size: u64,
     /// Replace an image that is already built.
     pub force: bool,
+    /// The agent the guest runs; it picks the image's name.
+    pub agent: GuestAgent,
+    /// The host's qemu-ga, copied in for [`GuestAgent::QemuGa`].
+    pub qemu_ga: PathBuf,
 }
 
 impl BuildOptions {
@@ -162,6 +181,8 @@ impl BuildOptions {
             busybox: PathBuf::from(DEFAULT_BUSYBOX),
             disk_size: DEFAULT_DISK_SIZE,
             force: false,
+            agent: GuestAgent::Agentlab,
+            qemu_ga: PathBuf::from(DEFAULT_QEMU_GA),
         }
     }
 }
@@ -184,6 +205,8 @@ pub enum GuestImageError {
     },
     #[error("mke2fs not found; install it: apt-get install e2fsprogs")]
     NoMke2fs,
+    #[error("qemu-ga not found at {path}; install it: apt-get install qemu-guest-agent")]
+    NoQemuGa { path: PathBuf },
     #[error("kernel module {module} is compressed and {tool} cannot unpack it (install it: apt-get install {package})")]
     Decompress {
         module: String,
@@ -219,51 +242,60 @@ pub enum GuestImageError {
     Kernel(#[from] KernelError),
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Libs(#[from] LibsError),
 }
 
-/// `<images_dir>/default`.
-pub fn image_dir(images_dir: &Path) -> PathBuf {
-    images_dir.join(IMAGE_NAME)
+/// `<images_dir>/default` or `<images_dir>/default-qemu-ga`.
+pub fn image_dir(images_dir: &Path, agent: GuestAgent) -> PathBuf {
+    images_dir.join(agent.image_name())
 }
 
-/// True when the default guest's manifest exists and parses.
-pub fn is_built(images_dir: &Path) -> bool {
-    Manifest::load(&image_dir(images_dir)).is_ok()
+/// True when the variant's manifest exists and parses.
+pub fn is_built(images_dir: &Path, agent: GuestAgent) -> bool {
+    Manifest::load(&image_dir(images_dir, agent)).is_ok()
 }
 
-/// Builds `<images_dir>/default/`, reporting each stage to `progress`.
+/// Builds `<images_dir>/<name>/`, reporting each stage to `progress`.
 pub fn build(
     opts: &BuildOptions,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Manifest, GuestImageError> {
-    let dir = image_dir(&opts.images_dir);
+    let name = opts.agent.image_name();
+    let dir = image_dir(&opts.images_dir, opts.agent);
     if dir.exists() && !opts.force {
         return Err(GuestImageError::AlreadyBuilt { dir });
     }
     let inputs = Inputs::check(opts)?;
     progress(&format!(
-        "building default guest: kernel {}",
+        "building {name} guest: kernel {}",
         inputs.kernel.version
     ));
     create_dir(&opts.images_dir)?;
-    remove_stale_builds(&opts.images_dir);
+    remove_stale_builds(&opts.images_dir, name);
     let work = WorkDir::create(
         opts.images_dir
-            .join(format!(".{IMAGE_NAME}.tmp-{}", std::process::id())),
+            .join(format!(".{name}.tmp-{}", std::process::id())),
     )?;
     copy_file(&inputs.kernel.path, &work.0.join(KERNEL_FILE))?;
     let initrd_size = write_initramfs(&work.0.join(INITRD_FILE), opts, &inputs)?;
     progress(&format!(
-        "building default guest: initramfs ({:.1} MB)",
+        "building {name} guest: initramfs ({:.1} MB)",
         initrd_size as f64 / 1e6
     ));
-    make_root_disk(&work.0, opts, &inputs.mke2fs)?;
+    make_root_disk(&work.0, opts, &inputs)?;
+    if opts.agent == GuestAgent::QemuGa {
+        progress(&format!(
+            "building {name} guest: qemu-ga and {} shared libraries from the host",
+            inputs.qemu_ga_libs.len()
+        ));
+    }
     progress(&format!(
-        "building default guest: root disk ({}, ext4)",
+        "building {name} guest: root disk ({}, ext4)",
         human_size(opts.disk_size)
     ));
     let manifest = Manifest {
-        name: IMAGE_NAME.to_string(),
+        name: name.to_string(),
         format: "raw".to_string(),
         disk: DISK_FILE.to_string(),
         kernel: Some(KERNEL_FILE.to_string()),
@@ -279,7 +311,7 @@ pub fn build(
     };
     manifest.store(&work.0)?;
     seal(&work.0)?;
-    work.commit(&dir, opts.force)?;
+    work.commit(&dir, name, opts.force)?;
     Ok(manifest)
 }
 
@@ -288,6 +320,8 @@ struct Inputs {
     kernel: GuestKernel,
     modules: Vec<ModulePath>,
     mke2fs: PathBuf,
+    /// What qemu-ga loads (for [`GuestAgent::QemuGa`]; else empty).
+    qemu_ga_libs: Vec<PathBuf>,
 }
 
 impl Inputs {
@@ -312,6 +346,15 @@ impl Inputs {
                 path: opts.agent_binary.clone(),
             });
         }
+        let qemu_ga_libs = match opts.agent {
+            GuestAgent::Agentlab => Vec::new(),
+            GuestAgent::QemuGa if !opts.qemu_ga.is_file() => {
+                return Err(GuestImageError::NoQemuGa {
+                    path: opts.qemu_ga.clone(),
+                })
+            }
+            GuestAgent::QemuGa => guest_libs::needed(&opts.qemu_ga)?,
+        };
         let mke2fs = find_program("mke2fs").ok_or(GuestImageError::NoMke2fs)?;
         let kernel = match &opts.kernel {
             Some(path) => GuestKernel::at(path)?,
@@ -322,7 +365,17 @@ impl Inputs {
             kernel,
             modules,
             mke2fs,
+            qemu_ga_libs,
         })
+    }
+}
+
+/// The guest's `/etc/inittab`: the one in `initramfs/rootfs/`, with the
+/// qemu-ga variant's agent line in place of agentlab's.
+fn inittab(agent: GuestAgent) -> String {
+    match agent {
+        GuestAgent::Agentlab => INITTAB.to_string(),
+        GuestAgent::QemuGa => INITTAB.replace(AGENT_LINE, QEMU_GA_LINE),
     }
 }
 
@@ -424,9 +477,17 @@ fn write_initramfs(
 
 /// Stages the root filesystem in `<work>/rootfs.d` and turns it into a
 /// sparse ext4 disk `<work>/rootfs.raw`.
-fn make_root_disk(work: &Path, opts: &BuildOptions, mke2fs: &Path) -> Result<(), GuestImageError> {
+fn make_root_disk(
+    work: &Path,
+    opts: &BuildOptions,
+    inputs: &Inputs,
+) -> Result<(), GuestImageError> {
+    let mke2fs = &inputs.mke2fs;
     let staging = work.join("rootfs.d");
-    stage_rootfs(&staging, &opts.busybox)?;
+    stage_rootfs(&staging, &opts.busybox, opts.agent)?;
+    if opts.agent == GuestAgent::QemuGa {
+        stage_qemu_ga(&staging, &opts.qemu_ga, &inputs.qemu_ga_libs)?;
+    }
     let disk = work.join(DISK_FILE);
     File::create(&disk)
         .and_then(|f| f.set_len(opts.disk_size))
@@ -447,18 +508,16 @@ fn make_root_disk(work: &Path, opts: &BuildOptions, mke2fs: &Path) -> Result<(),
 /// The root disk's tree: the directories and files above, busybox, and a
 /// symlink to it for each applet at the path busybox names for it
 /// (`bin/sh`, `sbin/init`, `usr/bin/env`…).
-fn stage_rootfs(root: &Path, busybox: &Path) -> Result<(), GuestImageError> {
+fn stage_rootfs(root: &Path, busybox: &Path, agent: GuestAgent) -> Result<(), GuestImageError> {
     for (dir, mode) in ROOTFS_DIRS {
         let path = root.join(dir);
         create_dir(&path)?;
         set_mode(&path, mode)?;
     }
     for (file, mode, contents) in ROOTFS_FILES {
-        let path = root.join(file);
-        create_dir(path.parent().unwrap_or(root))?;
-        fs::write(&path, contents).map_err(|source| io_err("write", &path, source))?;
-        set_mode(&path, mode)?;
+        write_file(root, file, mode, contents)?;
     }
+    write_file(root, "etc/inittab", 0o644, &inittab(agent))?;
     for (link, target) in ROOTFS_SYMLINKS {
         let path = root.join(link);
         symlink(target, &path).map_err(|source| io_err("create", &path, source))?;
@@ -473,6 +532,22 @@ fn stage_rootfs(root: &Path, busybox: &Path) -> Result<(), GuestImageError> {
         symlink("/bin/busybox", &link).map_err(|source| io_err("create", &link, source))?;
     }
     Ok(())
+}
+
+/// qemu-ga at `/usr/sbin/qemu-ga`, the libraries it loads at their host
+/// paths, and the script inittab starts it with.
+fn stage_qemu_ga(root: &Path, qemu_ga: &Path, libs: &[PathBuf]) -> Result<(), GuestImageError> {
+    guest_libs::install(qemu_ga, Path::new(DEFAULT_QEMU_GA), libs, root)?;
+    let (file, mode, contents) = RUN_QEMU_GA;
+    write_file(root, file, mode, contents)
+}
+
+/// Writes `root/file` (creating its directory) with `mode`.
+fn write_file(root: &Path, file: &str, mode: u32, contents: &str) -> Result<(), GuestImageError> {
+    let path = root.join(file);
+    create_dir(path.parent().unwrap_or(root))?;
+    fs::write(&path, contents).map_err(|source| io_err("write", &path, source))?;
+    set_mode(&path, mode)
 }
 
 /// Applet paths from `busybox --list-full`, minus busybox itself and
@@ -509,17 +584,18 @@ fn seal(dir: &Path) -> Result<(), GuestImageError> {
     Ok(())
 }
 
-/// Removes what builds that died left behind: `.default.tmp-<pid>` and
-/// `.default.old-<pid>` whose process is gone. Best effort.
-fn remove_stale_builds(images_dir: &Path) {
+/// Removes what builds of image `name` that died left behind:
+/// `.<name>.tmp-<pid>` and `.<name>.old-<pid>` whose process is gone. Best effort.
+fn remove_stale_builds(images_dir: &Path, name: &str) {
     let Ok(entries) = fs::read_dir(images_dir) else {
         return;
     };
+    let prefix = format!(".{name}.");
     for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
+        let file_name = entry.file_name();
+        let Some(pid) = file_name
             .to_str()
-            .and_then(|n| n.strip_prefix(&format!(".{IMAGE_NAME}.")))
+            .and_then(|n| n.strip_prefix(&prefix))
             .and_then(|n| n.strip_prefix("tmp-").or_else(|| n.strip_prefix("old-")))
         else {
             continue;
@@ -542,9 +618,9 @@ impl WorkDir {
 
     /// Renames the finished build to `dir`; with `force`, an existing `dir`
     /// is moved aside first and removed once the new one is in place.
-    fn commit(self, dir: &Path, force: bool) -> Result<(), GuestImageError> {
+    fn commit(self, dir: &Path, name: &str, force: bool) -> Result<(), GuestImageError> {
         let parent = dir.parent().unwrap_or(Path::new("/"));
-        let old = parent.join(format!(".{IMAGE_NAME}.old-{}", std::process::id()));
+        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
         let replacing = force && dir.exists();
         if replacing {
             fs::rename(dir, &old).map_err(|source| io_err("move aside", dir, source))?;
@@ -692,7 +768,51 @@ mod tests {
 
     #[test]
     fn inittab_runs_the_agent() {
-        assert!(rootfs_file("etc/inittab").contains("\n::respawn:/run/agentlab/agentlab agent\n"));
+        assert!(
+            inittab(GuestAgent::Agentlab).contains("\n::respawn:/run/agentlab/agentlab agent\n")
+        );
+    }
+
+    #[test]
+    fn qemu_ga_inittab_runs_qemu_ga_instead_of_the_agent() {
+        let tab = inittab(GuestAgent::QemuGa);
+        assert!(tab.contains("\n::respawn:/usr/sbin/run-qemu-ga\n"));
+        assert!(!tab.contains("agentlab agent"));
+        assert_eq!(tab.lines().count(), INITTAB.lines().count());
+    }
+
+    #[test]
+    fn run_qemu_ga_is_valid_sh() {
+        assert_eq!(sh_syntax(RUN_QEMU_GA.2), Ok(()));
+    }
+
+    #[test]
+    fn variants_have_their_own_image_names() {
+        assert_eq!(GuestAgent::default().image_name(), "default");
+        assert_eq!(GuestAgent::QemuGa.image_name(), "default-qemu-ga");
+        assert_eq!(
+            GuestAgent::for_image("default-qemu-ga"),
+            Some(GuestAgent::QemuGa)
+        );
+        assert_eq!(GuestAgent::for_image("debian-12"), None);
+    }
+
+    #[test]
+    fn missing_qemu_ga_names_the_package() {
+        let s = Scratch::new("noqemuga");
+        let opts = BuildOptions {
+            agent: GuestAgent::QemuGa,
+            qemu_ga: s.0.join("qemu-ga"),
+            ..BuildOptions::new(s.0.join("images"), PathBuf::from(DEFAULT_BUSYBOX))
+        };
+        let err = build(&opts, &mut |_| {}).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "qemu-ga not found at {}; install it: apt-get install qemu-guest-agent",
+                opts.qemu_ga.display()
+            )
+        );
     }
 
     #[test]
@@ -767,7 +887,7 @@ mod tests {
         );
         fs::create_dir_all(s.0.join(dead)).unwrap();
         fs::create_dir_all(s.0.join(&live)).unwrap();
-        remove_stale_builds(&s.0);
+        remove_stale_builds(&s.0, IMAGE_NAME);
         assert!(!s.0.join(dead).exists());
         assert!(s.0.join(&live).exists());
     }
@@ -814,6 +934,40 @@ mod tests {
         assert_eq!(disk_mode & 0o777, 0o444);
         assert_eq!(lines.len(), 3);
         assert_eq!(lines[2], "building default guest: root disk (64 MiB, ext4)");
+    }
+
+    /// `debugfs -R 'stat PATH'` on an ext4 image: the inode listing or the complaint.
+    fn debugfs_stat(disk: &Path, path: &str) -> String {
+        let out = Command::new(find_program("debugfs").expect("debugfs (e2fsprogs)"))
+            .arg("-R")
+            .arg(format!("stat {path}"))
+            .arg(disk)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    }
+
+    #[test]
+    fn qemu_ga_variant_carries_qemu_ga_its_libraries_and_its_starter() {
+        let s = Scratch::new("qemuga");
+        let opts = BuildOptions {
+            disk_size: MIN_DISK_SIZE,
+            agent: GuestAgent::QemuGa,
+            ..BuildOptions::new(s.0.join("images"), PathBuf::from(DEFAULT_BUSYBOX))
+        };
+        let manifest = build(&opts, &mut |_| {}).unwrap();
+        let disk = s.0.join("images/default-qemu-ga/rootfs.raw");
+        let libs = guest_libs::needed(Path::new(DEFAULT_QEMU_GA)).unwrap();
+        let loader = libs
+            .iter()
+            .find(|l| l.to_string_lossy().contains("ld-linux"))
+            .unwrap();
+        assert_eq!(manifest.name, "default-qemu-ga");
+        assert_eq!(manifest.ready_on, "agent");
+        assert!(debugfs_stat(&disk, "/usr/sbin/qemu-ga").contains("Type: regular"));
+        assert!(debugfs_stat(&disk, "/usr/sbin/run-qemu-ga").contains("Mode:  0755"));
+        assert!(debugfs_stat(&disk, &loader.to_string_lossy()).contains("Type: regular"));
+        assert!(!s.0.join("images/default").exists());
     }
 
     #[test]

@@ -8,10 +8,13 @@
 //! - `cpio`: the newc archive writer (the initramfs format)
 //! - `kmod`: the kernel module dependency closure, from `modules.dep`
 //! - `elf`: tells a static x86-64 program from a dynamic one
+//! - `guest_libs`: a dynamic host program's shared libraries, copied into a
+//!   guest (the `default-qemu-ga` variant's qemu-ga)
 
 pub mod cpio;
 pub mod default_guest;
 pub mod elf;
+pub mod guest_libs;
 pub mod kernel;
 pub mod kmod;
 pub mod manifest;

@@ -11,6 +11,7 @@
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,6 +28,20 @@ pub use crate::model::GuestFacts;
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Chunk size for qemu-ga's guest-file-read/write in the fallback.
 const FALLBACK_CHUNK: usize = 1 << 20;
+/// How long a command killed for its timeout gets to be reaped (and give up
+/// the output it printed) before the host stops asking.
+const FALLBACK_KILL_GRACE: Duration = Duration::from_secs(2);
+/// What qemu-ga's guest-exec answers when the program cannot start: glib's
+/// `g_spawn` message, "Failed to execute child process “PROG” (strerror)".
+const SPAWN_FAILED: &str = "Failed to execute child process";
+/// Exit codes a shell gives a command it cannot find, or cannot run (POSIX
+/// "Command Search and Execution"), as agentlab's agent does.
+const NOT_FOUND: i32 = 127;
+const CANNOT_RUN: i32 = 126;
+
+/// Numbers the fallback's archives in the guest's /tmp: the daemon serves
+/// many copies at once under one pid.
+static FALLBACK_TMP: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentInfo {
@@ -183,30 +198,44 @@ impl Session {
     ) -> Result<Exec, AgentError> {
         if spec.tty.is_some() {
             return Err(AgentError::Unsupported(format!(
-                "the guest runs {} (not agentlab's agent): it cannot give a command a terminal",
+                "the guest's agent is a stock qemu-ga ({}), which cannot give a command a \
+                 terminal; run it without -t (or use an image with agentlab's agent)",
                 self.info.version
             )));
         }
-        // qemu-ga has no cwd or user; run through sh when either is asked for.
+        // qemu-ga has no cwd or user, and its env replaces the whole
+        // environment; run through sh when any of them is asked for.
         let argv = wrap_for_qemu_ga(spec);
         let args = wire::GuestExec {
             path: argv[0].clone(),
             arg: argv[1..].to_vec(),
-            env: spec.env.clone(),
+            env: Vec::new(),
             input_data: stdin_data.map(|d| b64::encode(&d)),
             capture_output: Some(json!(true)),
         };
-        let v = self.client.call("guest-exec", json!(args), CALL_TIMEOUT)?;
-        let pid = v["pid"]
-            .as_i64()
-            .ok_or_else(|| AgentError::Protocol(format!("guest-exec answered {v}")))?;
+        let (pid, queue) = match self.client.call("guest-exec", json!(args), CALL_TIMEOUT) {
+            Ok(v) => {
+                let pid = v["pid"]
+                    .as_i64()
+                    .ok_or_else(|| AgentError::Protocol(format!("guest-exec answered {v}")))?;
+                (pid, VecDeque::new())
+            }
+            // A program that cannot start is the command's failure, told
+            // with a shell's exit code, not the agent's.
+            Err(AgentError::Command { desc, .. }) if desc.contains(SPAWN_FAILED) => (
+                0,
+                VecDeque::from([Output::Exit(spawn_failure(&argv[0], &desc))]),
+            ),
+            Err(e) => return Err(e),
+        };
+        let done = !queue.is_empty();
         Ok(Exec {
             client: self.client.clone(),
             stream: None,
             inner: Inner::Poll {
                 pid,
-                queue: VecDeque::new(),
-                done: false,
+                queue,
+                done,
                 delay: Duration::from_millis(5),
             },
             deadline: spec.timeout.map(|t| Instant::now() + t),
@@ -374,7 +403,7 @@ impl Session {
         sink: &mut dyn Write,
         progress: &mut dyn FnMut(u64),
     ) -> Result<wire::TarDone, AgentError> {
-        let tmp = format!("/tmp/.agentlab-cp-{}.tar", std::process::id());
+        let tmp = fallback_tmp();
         let (parent, name) = split_path(path);
         let script = "cd \"$1\" && tar -cf \"$3\" -- \"$2\"";
         self.run_checked(&["/bin/sh", "-c", script, "sh", &parent, &name, &tmp])?;
@@ -396,13 +425,20 @@ impl Session {
         source: &mut dyn Read,
         progress: &mut dyn FnMut(u64),
     ) -> Result<wire::TarDone, AgentError> {
-        let tmp = format!("/tmp/.agentlab-cp-{}.tar", std::process::id());
-        let bytes = self.write_file(&tmp, source, progress)?;
+        let tmp = fallback_tmp();
+        let written = self.write_file(&tmp, source, progress);
         // docker cp: into DEST if it is a directory, else as DEST.
         let script = "set -e; if [ -d \"$1\" ]; then tar -C \"$1\" -xf \"$3\"; else \
                       p=$(dirname \"$1\"); mkdir -p \"$p\"; t=$(mktemp -d \"$p/.agentlab-cp.XXXXXX\"); \
                       tar -C \"$t\" -xf \"$3\"; rm -rf \"$1\"; mv \"$t/$2\" \"$1\"; rmdir \"$t\"; fi; rm -f \"$3\"";
-        self.run_checked(&["/bin/sh", "-c", script, "sh", path, root, &tmp])?;
+        let extracted = written.and_then(|bytes| {
+            self.run_checked(&["/bin/sh", "-c", script, "sh", path, root, &tmp])
+                .map(|()| bytes)
+        });
+        if extracted.is_err() {
+            let _ = self.run_checked(&["/bin/rm", "-f", &tmp]);
+        }
+        let bytes = extracted?;
         Ok(wire::TarDone {
             stream: 0,
             entries: 0,
@@ -600,46 +636,18 @@ impl Exec {
                         return Err(AgentError::Protocol("read past the exit".into()));
                     }
                     if deadline.is_some_and(|d| Instant::now() >= d) {
-                        // qemu-ga cannot signal what it started; ask it to run kill.
-                        let kill = wire::GuestExec {
-                            path: "/bin/kill".into(),
-                            arg: vec!["-9".into(), pid.to_string()],
-                            ..Default::default()
-                        };
-                        let _ = self.client.call("guest-exec", json!(kill), CALL_TIMEOUT);
                         *done = true;
-                        return Ok(Output::Exit(ExitStatus {
-                            timed_out: true,
-                            signal: Some(9),
-                            ..Default::default()
-                        }));
+                        queue.extend(kill_and_reap(&self.client, *pid));
+                        continue;
                     }
-                    let v = self.client.call(
-                        "guest-exec-status",
-                        json!({ "pid": *pid }),
-                        CALL_TIMEOUT,
-                    )?;
-                    let st: wire::GuestExecStatus = serde_json::from_value(v).map_err(|e| {
-                        AgentError::Protocol(format!("guest-exec-status answer: {e}"))
-                    })?;
-                    if !st.exited {
+                    let Some(st) = exec_status(&self.client, *pid)? else {
                         std::thread::sleep(*delay);
                         *delay = (*delay * 2).min(Duration::from_millis(200));
                         continue;
-                    }
+                    };
                     // The first `exited: true` reaps the process: read it once only.
                     *done = true;
-                    let decode = |d: &Option<String>| d.as_deref().map(b64::decode).transpose();
-                    let out = decode(&st.out_data).map_err(AgentError::Protocol)?;
-                    let err = decode(&st.err_data).map_err(AgentError::Protocol)?;
-                    queue.extend(out.filter(|d| !d.is_empty()).map(Output::Stdout));
-                    queue.extend(err.filter(|d| !d.is_empty()).map(Output::Stderr));
-                    queue.push_back(Output::Exit(ExitStatus {
-                        code: st.exitcode,
-                        signal: st.signal,
-                        truncated: st.out_truncated || st.err_truncated,
-                        ..Default::default()
-                    }));
+                    queue.extend(finished(&st)?);
                 }
             }
         }
@@ -652,6 +660,77 @@ impl Exec {
             stream: self.stream,
         }
     }
+}
+
+/// `guest-exec-status`: the status once the process has exited (and its
+/// output is all in), else None.
+fn exec_status(
+    client: &AgentClient,
+    pid: i64,
+) -> Result<Option<wire::GuestExecStatus>, AgentError> {
+    let v = client.call("guest-exec-status", json!({ "pid": pid }), CALL_TIMEOUT)?;
+    let st: wire::GuestExecStatus = serde_json::from_value(v)
+        .map_err(|e| AgentError::Protocol(format!("guest-exec-status answer: {e}")))?;
+    Ok(st.exited.then_some(st))
+}
+
+/// A polled command's output, then its exit.
+fn finished(st: &wire::GuestExecStatus) -> Result<Vec<Output>, AgentError> {
+    let decode = |d: &Option<String>| d.as_deref().map(b64::decode).transpose();
+    let out = decode(&st.out_data).map_err(AgentError::Protocol)?;
+    let err = decode(&st.err_data).map_err(AgentError::Protocol)?;
+    let mut outputs: Vec<Output> = out
+        .filter(|d| !d.is_empty())
+        .map(Output::Stdout)
+        .into_iter()
+        .collect();
+    outputs.extend(err.filter(|d| !d.is_empty()).map(Output::Stderr));
+    outputs.push(Output::Exit(ExitStatus {
+        code: st.exitcode,
+        signal: st.signal,
+        truncated: st.out_truncated || st.err_truncated,
+        ..Default::default()
+    }));
+    Ok(outputs)
+}
+
+/// Ends a polled command that ran past its timeout. qemu-ga cannot signal
+/// what it started, so it is asked to run `kill -9`; the command is then
+/// polled a little longer, so that what it printed is not lost and qemu-ga
+/// forgets it (it keeps a process until its exit has been read). Best
+/// effort: a grandchild holding the output pipes keeps it from finishing.
+fn kill_and_reap(client: &AgentClient, pid: i64) -> Vec<Output> {
+    let kill = wire::GuestExec {
+        path: "/bin/kill".into(),
+        arg: vec!["-9".into(), pid.to_string()],
+        ..Default::default()
+    };
+    let killer = client
+        .call("guest-exec", json!(kill), CALL_TIMEOUT)
+        .ok()
+        .and_then(|v| v["pid"].as_i64());
+    let give_up = Instant::now() + FALLBACK_KILL_GRACE;
+    let mut outputs = Vec::new();
+    while Instant::now() < give_up {
+        match exec_status(client, pid) {
+            Ok(Some(st)) => {
+                outputs = finished(&st).unwrap_or_default();
+                outputs.pop(); // its exit says "killed"; ours says why
+                break;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(_) => break,
+        }
+    }
+    if let Some(k) = killer {
+        let _ = exec_status(client, k);
+    }
+    outputs.push(Output::Exit(ExitStatus {
+        timed_out: true,
+        signal: Some(9),
+        ..Default::default()
+    }));
+    outputs
 }
 
 impl Drop for Exec {
@@ -771,12 +850,46 @@ fn split_path(path: &str) -> (String, String) {
     }
 }
 
-/// qemu-ga runs argv directly; cwd and user go through `sh -c` and `su`.
+/// A unique archive path in the guest's /tmp for one fallback copy.
+fn fallback_tmp() -> String {
+    let n = FALLBACK_TMP.fetch_add(1, Ordering::Relaxed);
+    format!("/tmp/.agentlab-cp-{}-{n}.tar", std::process::id())
+}
+
+/// The exit of a command qemu-ga could not start, from its guest-exec error
+/// (`…Failed to execute child process “PROG” (No such file or directory)…`):
+/// 127 when the program is not there, 126 when it cannot run, with the
+/// message a shell (and agentlab's agent) would give.
+fn spawn_failure(program: &str, desc: &str) -> ExitStatus {
+    let reason = desc
+        .rsplit_once('(')
+        .and_then(|(_, r)| r.split_once(')'))
+        .map_or("cannot run it", |(r, _)| r);
+    let (code, message) = match reason {
+        "No such file or directory" if program.contains('/') => {
+            (NOT_FOUND, format!("{program}: no such file or directory"))
+        }
+        "No such file or directory" => (NOT_FOUND, format!("{program}: command not found")),
+        other => (CANNOT_RUN, format!("{program}: {}", other.to_lowercase())),
+    };
+    ExitStatus {
+        code: Some(code),
+        error: Some(message),
+        ..Default::default()
+    }
+}
+
+/// qemu-ga runs argv directly, and its env replaces the environment; env,
+/// cwd and user go through `sh -c` (`export`, `cd`) and `su`.
 fn wrap_for_qemu_ga(spec: &ExecSpec) -> Vec<String> {
-    if spec.cwd.is_none() && spec.user.is_none() {
+    if spec.cwd.is_none() && spec.user.is_none() && spec.env.is_empty() {
         return spec.argv.clone();
     }
     let mut script = String::new();
+    if !spec.env.is_empty() {
+        let vars: Vec<String> = spec.env.iter().map(|e| shell_quote(e)).collect();
+        script.push_str(&format!("export {} && ", vars.join(" ")));
+    }
     if let Some(cwd) = &spec.cwd {
         script.push_str(&format!("cd {} && ", shell_quote(cwd)));
     }
@@ -859,6 +972,77 @@ mod tests {
             ]
         );
         assert_eq!(argv[4], "pwd");
+    }
+
+    #[test]
+    fn env_is_exported_by_sh_rather_than_replacing_the_environment() {
+        let spec = ExecSpec {
+            argv: vec!["make".into()],
+            env: vec!["CI=1".into(), "MSG=it's".into()],
+            ..Default::default()
+        };
+        let argv = wrap_for_qemu_ga(&spec);
+        assert_eq!(
+            argv[2],
+            "export 'CI=1' 'MSG=it'\\''s' && exec \"$@\"".to_string()
+        );
+        assert_eq!(argv[4], "make");
+    }
+
+    #[test]
+    fn qemu_ga_spawn_failure_for_a_missing_command_is_127() {
+        let desc = "Guest agent command failed, error was 'Failed to execute child process \
+                    “nosuchcmd” (No such file or directory)'";
+        let st = spawn_failure("nosuchcmd", desc);
+        assert_eq!(st.code, Some(127));
+        assert_eq!(st.error.as_deref(), Some("nosuchcmd: command not found"));
+    }
+
+    #[test]
+    fn qemu_ga_spawn_failure_for_a_missing_path_is_127() {
+        let desc = "Guest agent command failed, error was 'Failed to execute child process \
+                    “/nonexist/x” (No such file or directory)'";
+        let st = spawn_failure("/nonexist/x", desc);
+        assert_eq!(st.code, Some(127));
+        assert_eq!(
+            st.error.as_deref(),
+            Some("/nonexist/x: no such file or directory")
+        );
+    }
+
+    #[test]
+    fn qemu_ga_spawn_failure_for_a_file_that_cannot_run_is_126() {
+        let desc = "Guest agent command failed, error was 'Failed to execute child process \
+                    “/etc/passwd” (Permission denied)'";
+        let st = spawn_failure("/etc/passwd", desc);
+        assert_eq!(st.code, Some(126));
+        assert_eq!(st.error.as_deref(), Some("/etc/passwd: permission denied"));
+    }
+
+    #[test]
+    fn polled_status_gives_output_then_exit() {
+        let st = wire::GuestExecStatus {
+            exited: true,
+            exitcode: Some(3),
+            out_data: Some(b64::encode(b"out\n")),
+            err_data: Some(String::new()),
+            ..Default::default()
+        };
+        assert_eq!(
+            finished(&st).unwrap(),
+            vec![
+                Output::Stdout(b"out\n".to_vec()),
+                Output::Exit(ExitStatus {
+                    code: Some(3),
+                    ..Default::default()
+                })
+            ]
+        );
+    }
+
+    #[test]
+    fn fallback_archives_get_distinct_names() {
+        assert_ne!(fallback_tmp(), fallback_tmp());
     }
 
     #[test]

@@ -23,8 +23,8 @@ use super::{
     Adoption, Backend, BackendError, BackendStatus, EventSink, Orphan, Provisioned, StopMode,
 };
 use crate::config::{Accel, Config, Profile};
-use crate::image::default_guest;
-use crate::image::store::{Image, ImageStore, DEFAULT_IMAGE};
+use crate::image::default_guest::{self, GuestAgent};
+use crate::image::store::{Image, ImageStore};
 use crate::model::{Disk, Runtime, Sandbox, State};
 use crate::qcow;
 use crate::qmp::QemuVersion;
@@ -83,14 +83,16 @@ impl QemuBackend {
         }
     }
 
-    /// Builds the default guest unless it exists (or `force`).
+    /// Builds the default guest (or its qemu-ga variant) unless it exists
+    /// (or `force`).
     fn build_default(
         &self,
+        agent: GuestAgent,
         force: bool,
         progress: &mut dyn FnMut(&str),
     ) -> Result<(), BackendError> {
         let _guard = self.build_lock.lock().unwrap_or_else(|e| e.into_inner());
-        if !force && default_guest::is_built(&self.images_dir) {
+        if !force && default_guest::is_built(&self.images_dir, agent) {
             return Ok(());
         }
         let agent_binary = std::env::current_exe().map_err(|e| {
@@ -103,10 +105,23 @@ impl QemuBackend {
             busybox: PathBuf::from(default_guest::DEFAULT_BUSYBOX),
             disk_size: default_guest::DEFAULT_DISK_SIZE,
             force,
+            agent,
+            qemu_ga: PathBuf::from(default_guest::DEFAULT_QEMU_GA),
         };
         default_guest::build(&opts, progress)
             .map(|_| ())
-            .map_err(|e| BackendError::host_with("cannot build the default guest image", e))
+            .map_err(|e| {
+                BackendError::host_with(
+                    format!("cannot build the {} guest image", agent.image_name()),
+                    e,
+                )
+            })
+    }
+
+    /// The variant `image` names when it is one of the default guests and
+    /// not built yet.
+    fn unbuilt_default(&self, image: &str) -> Option<GuestAgent> {
+        GuestAgent::for_image(image).filter(|_| !self.images.has_manifest(image))
     }
 
     /// QEMU's version, from `-version`; the error names the package to install.
@@ -322,8 +337,9 @@ impl Backend for QemuBackend {
     }
 
     fn check_profile(&self, profile: &Profile) -> Result<(), BackendError> {
-        // The default guest is built on first use; anything else must exist.
-        if profile.image == DEFAULT_IMAGE && !self.images.has_manifest(DEFAULT_IMAGE) {
+        // The default guest (and its qemu-ga variant) is built on first use;
+        // anything else must exist.
+        if self.unbuilt_default(&profile.image).is_some() {
             return Ok(());
         }
         self.images
@@ -339,9 +355,12 @@ impl Backend for QemuBackend {
         progress: &mut dyn FnMut(&str),
     ) -> Result<Provisioned, BackendError> {
         self.qemu_version()?;
-        if profile.image == DEFAULT_IMAGE && !self.images.has_manifest(DEFAULT_IMAGE) {
-            progress("building the default guest image (first use)");
-            self.build_default(false, progress)?;
+        if let Some(agent) = self.unbuilt_default(&profile.image) {
+            progress(&format!(
+                "building the {} guest image (first use)",
+                agent.image_name()
+            ));
+            self.build_default(agent, false, progress)?;
         }
         let image = self.images.resolve(&profile.image).map_err(image_error)?;
         let wanted = profile
@@ -693,10 +712,11 @@ impl Backend for QemuBackend {
 
     fn build_default_image(
         &self,
+        agent: GuestAgent,
         force: bool,
         progress: &mut dyn FnMut(&str),
     ) -> Result<(), BackendError> {
-        self.build_default(force, progress)
+        self.build_default(agent, force, progress)
     }
 }
 
