@@ -140,27 +140,47 @@ pub(super) fn upload(g: &Global, src: &Path, id: &str, dest: &str) -> Result<Val
     )
 }
 
-pub(super) fn download(g: &Global, id: &str, src: &str, dest: &Path) -> Result<Value, CliError> {
-    // docker cp: into DEST if it is a directory; else DEST is the copy's new name.
-    let (dir, rename_root) = if dest.is_dir() {
-        (dest.to_path_buf(), None)
-    } else {
-        let parent = match dest.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        if !parent.is_dir() {
-            return Err(CliError::User(format!(
-                "{}: no such directory",
-                parent.display()
-            )));
-        }
-        let name = dest
-            .file_name()
-            .and_then(|n| n.to_str())
-            .map(str::to_string);
-        (parent, name)
+/// The name a guest path's copy gets: `/var/log/x.log` → `x.log`.
+fn guest_basename(src: &str) -> Result<String, CliError> {
+    match src.trim_end_matches('/').rsplit('/').next() {
+        Some(name) if !matches!(name, "" | "." | "..") => Ok(name.to_string()),
+        _ => Err(CliError::User(format!(
+            "{src}: copy a file or directory by its own name, not / or a path ending in . or .."
+        ))),
+    }
+}
+
+/// Where a download lands: the directory to extract in, and the one name
+/// every entry of the archive is put under.
+fn download_target(src: &str, dest: &Path) -> Result<(PathBuf, String), CliError> {
+    let base = guest_basename(src)?;
+    // docker cp: into DEST if it is a directory; else DEST is the copy's new
+    // name. Either way every entry is put under that one name: the guest
+    // chooses what the archive holds, and must not choose, say, a `.ssh/`
+    // beside the copy in the user's home.
+    if dest.is_dir() {
+        return Ok((dest.to_path_buf(), base));
+    }
+    let parent = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
     };
+    if !parent.is_dir() {
+        return Err(CliError::User(format!(
+            "{}: no such directory",
+            parent.display()
+        )));
+    }
+    let name = dest
+        .file_name()
+        .and_then(|n| n.to_str())
+        .map(str::to_string)
+        .ok_or_else(|| CliError::User(format!("{}: not a usable file name", dest.display())))?;
+    Ok((parent, name))
+}
+
+pub(super) fn download(g: &Global, id: &str, src: &str, dest: &Path) -> Result<Value, CliError> {
+    let (dir, root) = download_target(src, dest)?;
     let path = format!(
         "/v1/sandboxes/{}/files?path={}",
         percent_encode_component(id),
@@ -168,7 +188,7 @@ pub(super) fn download(g: &Global, id: &str, src: &str, dest: &Path) -> Result<V
     );
     let up = client(g)?.upgrade("GET", &path, None)?;
     let opts = ExtractOptions {
-        rename_root,
+        rename_root: Some(root),
         untrusted: true,
         ..ExtractOptions::default()
     };
@@ -332,6 +352,23 @@ mod tests {
         assert_eq!(remote("./a:b"), None);
         assert_eq!(remote("/tmp/a:b"), None);
         assert_eq!(remote("plain"), None);
+    }
+
+    /// `cp sb:/tmp/result.json ~` let the guest's archive name the entries:
+    /// it could send `.ssh/authorized_keys` and write into the real ~/.ssh.
+    #[test]
+    fn a_download_into_a_directory_is_held_under_the_source_name() {
+        let dir = std::env::temp_dir();
+        assert_eq!(
+            download_target("/tmp/result.json", &dir).unwrap(),
+            (dir.clone(), "result.json".to_string())
+        );
+        assert_eq!(
+            download_target("/work/out/", &dir.join("renamed")).unwrap(),
+            (dir.clone(), "renamed".to_string())
+        );
+        assert!(download_target("/", &dir).is_err());
+        assert!(download_target("/a/..", &dir).is_err());
     }
 
     #[test]
