@@ -19,20 +19,24 @@ fn exec(env: &Env, vmid: u32, args: &[&str]) -> std::process::Output {
     env.cli(&all)
 }
 
-/// The CLI with stdin fed from `input`.
-fn exec_with_input(env: &Env, vmid: u32, args: &[&str], input: &[u8]) -> std::process::Output {
-    let mut child = Command::new(BIN)
-        .arg("exec")
-        .arg(vmid.to_string())
-        .arg("--")
-        .args(args)
+/// `agentlab <args>` against `env`, its stdio piped.
+fn cli_command(env: &Env, args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
         .env("AGENTLAB_CONFIG", &env.config)
         .env("AGENTLAB_NO_AUTOSTART", "1")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// The CLI with stdin fed from `input`.
+fn exec_with_input(env: &Env, vmid: u32, args: &[&str], input: &[u8]) -> std::process::Output {
+    let id = vmid.to_string();
+    let mut all = vec!["exec", id.as_str(), "--"];
+    all.extend_from_slice(args);
+    let mut child = cli_command(env, &all).spawn().unwrap();
     let mut stdin = child.stdin.take().unwrap();
     let data = input.to_vec();
     let feeder = std::thread::spawn(move || {
@@ -545,4 +549,103 @@ fn a_sandbox_adopted_while_booting_becomes_ready_through_its_agent() {
         env.state(vmid)
     );
     assert_eq!(stdout(&exec(&env, vmid, &["echo", "ok"])), "ok\n");
+}
+
+/// Whether a process whose command line contains `needle` runs in the guest.
+fn guest_runs(env: &Env, vmid: u32, needle: &str) -> bool {
+    // `[x]yz` keeps the grep from finding itself.
+    let pattern = format!("[{}]{}", &needle[..1], &needle[1..]);
+    let out = exec(
+        env,
+        vmid,
+        &["sh", "-c", &format!("ps -o args | grep -q '{pattern}'")],
+    );
+    out.status.code() == Some(0)
+}
+
+fn until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    false
+}
+
+/// A command whose client went away must not run on in the guest, nor keep
+/// the sandbox busy: the CLI killed, a plain-HTTP client that hung up while
+/// the command printed nothing, the daemon itself killed. And stdin sent to
+/// a command that has already ended must not hold the daemon's session.
+#[test]
+fn commands_do_not_outlive_their_client() {
+    let mut env = Env::new("abandon", "");
+    env.start_daemon();
+    let vmid = env.new_ready(&[]);
+
+    // `cat big | exec -- sleep 1` held the daemon's stdin pump (and
+    // RUNNING) for an hour: the command never read its stdin, so the guest
+    // stopped granting credit, and the ended stream never would again.
+    let out = exec_with_input(&env, vmid, &["sleep", "1"], &vec![b'x'; 8 << 20]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(env.wait_state(vmid, "READY", SHORT), "{}", env.state(vmid));
+
+    // The CLI killed outright (no chance to say goodbye).
+    let id = vmid.to_string();
+    let mut cli = cli_command(&env, &["exec", &id, "--", "sleep", "4321"])
+        .spawn()
+        .unwrap();
+    assert!(until(SHORT, || guest_runs(&env, vmid, "sleep 4321")));
+    cli.kill().unwrap();
+    cli.wait().unwrap();
+    assert!(
+        until(SHORT, || !guest_runs(&env, vmid, "sleep 4321")),
+        "the command outlived the killed CLI"
+    );
+    assert!(env.wait_state(vmid, "READY", SHORT), "{}", env.state(vmid));
+
+    // A plain-HTTP client that gives up on a silent command.
+    let url = format!("http://agentlab/v1/sandboxes/{vmid}/exec");
+    for body in [
+        r#"{"argv":["sleep","4322"]}"#,
+        r#"{"argv":["sleep","4323"],"stream":false}"#,
+    ] {
+        let needle = if body.contains("4322") {
+            "sleep 4322"
+        } else {
+            "sleep 4323"
+        };
+        let mut curl = Command::new("curl")
+            .args(["-s", "--unix-socket"])
+            .arg(&env.socket)
+            .arg(&url)
+            .args(["-d", body])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        assert!(until(SHORT, || guest_runs(&env, vmid, needle)));
+        curl.kill().unwrap();
+        curl.wait().unwrap();
+        assert!(
+            until(SHORT, || !guest_runs(&env, vmid, needle)),
+            "{body}: the command outlived its HTTP client"
+        );
+    }
+    assert!(env.wait_state(vmid, "READY", SHORT), "{}", env.state(vmid));
+
+    // The daemon killed mid-command: the guest's agent sees its host go
+    // and cancels what that host had running; the next daemon adopts a
+    // sandbox that is not stuck.
+    let argv = ["exec", "-i", &id, "--", "sh", "-c", "sleep 4324; cat"];
+    let mut cli = cli_command(&env, &argv).spawn().unwrap();
+    assert!(until(SHORT, || guest_runs(&env, vmid, "sleep 4324")));
+    env.kill_daemon();
+    let _ = cli.wait();
+    env.start_daemon();
+    assert!(env.wait_state(vmid, "READY", SHORT), "{}", env.state(vmid));
+    assert!(
+        until(SHORT, || !guest_runs(&env, vmid, "sleep 4324")),
+        "the command outlived the daemon that started it"
+    );
 }

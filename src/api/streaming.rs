@@ -231,22 +231,59 @@ fn exec(m: &Arc<Manager>, id: &str, req: &Request, conn: &mut Conn) -> Result<()
     }
 }
 
+/// The plain-HTTP client sent all it will; a quiet command is checked on
+/// this often for a client that hung up.
+const HANGUP_CHECK: Duration = Duration::from_secs(1);
+
+/// The next output of a command whose plain-HTTP client may hang up while it
+/// prints nothing: `None` once the client is gone (the command is then
+/// cancelled when `exec` drops).
+fn next_or_hangup(
+    exec: &mut crate::qga::session::Exec,
+    conn: &Conn,
+) -> Option<Result<Output, AgentError>> {
+    loop {
+        match exec.next(HANGUP_CHECK) {
+            Err(AgentError::Timeout(_)) if peer_hung_up(&conn.stream) => return None,
+            Err(AgentError::Timeout(_)) => continue,
+            other => return Some(other),
+        }
+    }
+}
+
+/// Whether the other end of `stream` has closed both ways (it exited, or
+/// closed the socket). A client that only shut down its sending side
+/// (`nc -N`) still waits for the answer: that is RDHUP, not HUP.
+fn peer_hung_up(stream: &UnixStream) -> bool {
+    use rustix::event::{poll, PollFd, PollFlags};
+    let mut fds = [PollFd::new(stream, PollFlags::empty())];
+    let zero = rustix::time::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    matches!(poll(&mut fds, Some(&zero)), Ok(n) if n > 0)
+        && fds[0].revents().intersects(PollFlags::HUP | PollFlags::ERR)
+}
+
 /// NDJSON lines: `{"type":"stdout","data":"<base64>"}`…, then `{"type":"exit",…}`.
 fn exec_ndjson(exec: &mut crate::qga::session::Exec, conn: &mut Conn) -> Result<(), OpError> {
     conn.chunked("application/x-ndjson").map_err(io_gone)?;
     loop {
-        let (line, last) = match exec.next(IDLE) {
-            Ok(Output::Stdout(d)) => (json!({"type": "stdout", "data": b64::encode(&d)}), false),
-            Ok(Output::Stderr(d)) => (json!({"type": "stderr", "data": b64::encode(&d)}), false),
-            Ok(Output::Exit(st)) => (exit_json(&st), true),
-            Err(AgentError::Timeout(_)) => continue,
-            Err(e) => return Err(OpError::Unavailable(crate::log::error_chain(&e))),
+        let (line, last) = match next_or_hangup(exec, conn) {
+            None => return Ok(()),
+            Some(Ok(Output::Stdout(d))) => {
+                (json!({"type": "stdout", "data": b64::encode(&d)}), false)
+            }
+            Some(Ok(Output::Stderr(d))) => {
+                (json!({"type": "stderr", "data": b64::encode(&d)}), false)
+            }
+            Some(Ok(Output::Exit(st))) => (exit_json(&st), true),
+            Some(Err(e)) => return Err(OpError::Unavailable(crate::log::error_chain(&e))),
         };
         let mut bytes = line.to_string().into_bytes();
         bytes.push(b'\n');
         if conn.send(&http::encode_chunk(&bytes)).is_err() {
-            let _ = exec.control().signal(9);
-            return Ok(());
+            return Ok(()); // the client is gone; dropping `exec` cancels the command
         }
         if last {
             let _ = conn.send(&http::encode_last_chunk());
@@ -269,12 +306,12 @@ fn exec_buffered(
         *cut |= d.len() > room;
     };
     let status = loop {
-        match exec.next(IDLE) {
-            Ok(Output::Stdout(d)) => keep(&mut out, &mut out_cut, d),
-            Ok(Output::Stderr(d)) => keep(&mut err, &mut err_cut, d),
-            Ok(Output::Exit(st)) => break st,
-            Err(AgentError::Timeout(_)) => continue,
-            Err(e) => return Err(OpError::Unavailable(crate::log::error_chain(&e))),
+        match next_or_hangup(exec, conn) {
+            None => return Ok(()),
+            Some(Ok(Output::Stdout(d))) => keep(&mut out, &mut out_cut, d),
+            Some(Ok(Output::Stderr(d))) => keep(&mut err, &mut err_cut, d),
+            Some(Ok(Output::Exit(st))) => break st,
+            Some(Err(e)) => return Err(OpError::Unavailable(crate::log::error_chain(&e))),
         }
     };
     let marker = |mut b: Vec<u8>, cut: bool| {
@@ -359,6 +396,9 @@ fn exec_session(
     };
     done.store(true, Ordering::SeqCst);
     let _ = conn.stream.shutdown(std::net::Shutdown::Read);
+    // Forgetting the stream (and cancelling it, if it did not end) wakes an
+    // input pump waiting for stdin credit the guest will no longer give.
+    drop(exec);
     if let Some(h) = input {
         let _ = h.join();
     }

@@ -188,9 +188,12 @@ impl Server {
 
     /// The host went away: half a message it left is dropped, so the next
     /// host's first request parses even if it does not resync with 0xFF
-    /// first. Streams keep running; the next host may cancel them.
+    /// first, and its streams are cancelled: their frames had nowhere to go
+    /// and no later host knows their numbers, so a command would otherwise
+    /// block on credit forever.
     pub fn host_gone(&mut self) {
         self.decoder = Decoder::new(MAX_JSON);
+        self.streams.cancel_all();
     }
 
     /// Reads and serves until end of file or a read error.
@@ -1206,6 +1209,42 @@ mod tests {
         assert_ne!(first_id, Some(shutdown_id));
         assert_eq!(first_id, Some(ping_id));
         assert_eq!(*lock(&modes), vec![ShutdownMode::Reboot]);
+    }
+
+    /// A daemon killed mid-exec left `exec -i … cat` blocked on credit in the
+    /// guest forever: no later host knew its stream to cancel it.
+    #[test]
+    fn a_host_that_left_has_its_streams_cancelled() {
+        let (host, agent) = UnixStream::pair().unwrap();
+        host.set_read_timeout(Some(WAIT)).unwrap();
+        let mut server = Server::new(Box::new(agent), no_power());
+        let request = Message::Request {
+            execute: wire::CMD_EXEC.into(),
+            arguments: json!({"argv": ["sleep", "100"], "stream": 77}),
+            id: Some(json!(1)),
+        };
+        server.feed(&request.encode());
+        let mut d = Decoder::new(1 << 20);
+        let mut buf = [0u8; 4096];
+        let answer = loop {
+            if let Some(Ok(Frame::Json(j))) = d.next() {
+                break j;
+            }
+            let n = (&host).read(&mut buf).unwrap();
+            d.push(&buf[..n]);
+        };
+        let Message::Return { value, .. } = Message::parse(&answer).unwrap() else {
+            panic!("{}", String::from_utf8_lossy(&answer))
+        };
+        let started: Started = serde_json::from_value(value).unwrap();
+        assert_eq!(started.stream, 77, "the host's stream number is used");
+        let pid = started.pid.unwrap();
+        server.host_gone();
+        let deadline = Instant::now() + WAIT;
+        while crate::sys::process::start_ticks(pid).is_some() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(crate::sys::process::start_ticks(pid).is_none());
     }
 
     #[test]

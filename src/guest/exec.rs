@@ -52,6 +52,8 @@ pub const CANNOT_RUN: i32 = 126;
 pub enum ExecError {
     #[error("argv is empty; give at least the program to run")]
     EmptyArgv,
+    #[error(transparent)]
+    StreamInUse(#[from] crate::guest::stream::StreamInUse),
     #[error("input-data is not base64: {0}")]
     InputData(String),
     #[error("capture-output {0} is not a bool or one of none, stdout, stderr, separated, merged")]
@@ -388,7 +390,7 @@ pub fn start_streamed(
     if args.argv.is_empty() {
         return Err(ExecError::EmptyArgv);
     }
-    let id = streams.next_id();
+    let id = streams.claim(args.stream)?;
     let user = args.user.as_deref();
     let launched = prepare(&args.argv, user, args.cwd.as_deref(), |pw| {
         let mut env = base_env(pw, args.tty.is_some());

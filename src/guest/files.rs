@@ -41,6 +41,8 @@ pub enum FileError {
     },
     #[error("mode {0:?} is not one of r, w, a, r+, w+, a+ (each with an optional b)")]
     Mode(String),
+    #[error(transparent)]
+    StreamInUse(#[from] crate::guest::stream::StreamInUse),
     /// qemu-ga's words.
     #[error("handle '{0}' has not been found")]
     UnknownHandle(i64),
@@ -283,7 +285,7 @@ pub fn start_tar_out(
             path: args.path.clone(),
             source,
         })?;
-    let id = streams.next_id();
+    let id = streams.claim(args.stream)?;
     let credit = Arc::new(Credit::new(args.window));
     streams.insert(
         id,
@@ -391,7 +393,7 @@ pub fn start_tar_in(
         extractor: Some(extractor),
         error: None,
     }));
-    let id = streams.next_id();
+    let id = streams.claim(args.stream)?;
     let fed = Arc::clone(&state);
     let input = Input::start(id, DEFAULT_WINDOW, outbox.clone(), move |chunk| {
         let mut tar_in = lock(&fed);

@@ -321,6 +321,10 @@ impl Stream {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+#[error("stream number {0} is in use (or 0); pick another")]
+pub struct StreamInUse(pub u32);
+
 /// Live streams by number. A stream leaves when its last event is sent.
 #[derive(Default)]
 pub struct Streams {
@@ -336,6 +340,15 @@ impl Streams {
             if id != 0 && !lock(&self.map).contains_key(&id) {
                 return id;
             }
+        }
+    }
+
+    /// The number the host asked for, if it is free; else one of ours.
+    pub fn claim(&self, requested: Option<u32>) -> Result<u32, StreamInUse> {
+        match requested {
+            Some(id) if id == 0 || lock(&self.map).contains_key(&id) => Err(StreamInUse(id)),
+            Some(id) => Ok(id),
+            None => Ok(self.next_id()),
         }
     }
 
@@ -449,6 +462,23 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn a_stream_number_the_host_asks_for_must_be_free() {
+        let streams = Streams::default();
+        assert_eq!(streams.claim(Some(5)).unwrap(), 5);
+        streams.insert(
+            5,
+            Stream {
+                output: None,
+                input: None,
+                control: Control::TarOut,
+            },
+        );
+        assert!(streams.claim(Some(5)).is_err());
+        assert!(streams.claim(Some(0)).is_err());
+        assert_ne!(streams.claim(None).unwrap(), 5);
     }
 
     #[test]

@@ -5,8 +5,12 @@
 //! by request id to the caller waiting for them, the `guest-sync-delimited`
 //! answer by its value, events and data frames by stream to a per-stream
 //! queue, credit grants to the stream's sender. Everything the guest can send
-//! is bounded: a stream that receives more than the credit it was granted is
-//! cut off, and at most `MAX_STREAMS` streams exist at once.
+//! is bounded: the host numbers streams and registers each before asking for
+//! it, so frames and events for any other number are dropped; a stream that
+//! receives more than the credit it was granted is cut off; it takes one
+//! terminal event (exit or eof), with its error text cut to `MAX_ERROR`; at
+//! most `MAX_STREAMS` streams exist at once; and a message may hold at most
+//! `wire::MAX_VALUES` JSON values, so parsing cannot balloon.
 //!
 //! virtio-serial has no connection: a new client may find stale bytes, and a
 //! guest with no agent swallows requests silently. So every (re)connect, every
@@ -18,7 +22,7 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -27,10 +31,12 @@ use serde_json::{json, Value};
 
 use super::wire::{self, Decoder, Frame, Message};
 
-/// qemu-ga's own token limit is 64 MiB; its largest answers (exec output,
-/// file reads) fit in that.
-const MAX_JSON: usize = 64 << 20;
+/// The largest answer qemu-ga gives is `guest-exec-status` with 16 MiB of
+/// stdout and of stderr, base64: about 43 MiB.
+const MAX_JSON: usize = 48 << 20;
 const MAX_STREAMS: usize = 256;
+/// Longest error text kept from a stream's exit or eof event.
+const MAX_ERROR: usize = 4096;
 /// How long one write may take before the channel is declared stuck.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -75,16 +81,14 @@ pub enum Item {
 
 type Reply = Result<Value, (String, String)>;
 
-#[derive(Default)]
 struct StreamState {
     tx: Option<Sender<Item>>,
-    /// The receiver until the caller that opened the stream picks it up
-    /// (data may arrive before the caller has seen the answer).
-    rx: Option<Receiver<Item>>,
     /// Bytes the guest may still send us.
     recv_credit: i64,
     /// Bytes we may still send the guest.
     send_credit: u64,
+    /// Its exit or eof was delivered: nothing but credit may follow.
+    finished: bool,
 }
 
 #[derive(Default)]
@@ -108,8 +112,12 @@ pub struct AgentClient {
     writer: Mutex<UnixStream>,
     shared: Arc<Shared>,
     next_id: AtomicU64,
+    /// Stream numbers are ours to give (`ExecArgs::stream`).
+    next_stream: AtomicU32,
     /// Set after a timeout or a port close: resync before the next request.
     needs_sync: AtomicBool,
+    /// One resync at a time: a second would reset the first.
+    sync_lock: Mutex<()>,
     reader: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -140,7 +148,11 @@ impl AgentClient {
             writer: Mutex::new(stream),
             shared,
             next_id: AtomicU64::new(1),
+            // A fresh range per connection, so a number still live in the
+            // guest from an earlier connection is not reused at once.
+            next_stream: AtomicU32::new((random_u64() as u32) >> 2),
             needs_sync: AtomicBool::new(true),
+            sync_lock: Mutex::new(()),
             reader: Some(reader),
         })
     }
@@ -152,6 +164,23 @@ impl AgentClient {
     /// Resets the channel: 0xFF, then `guest-sync-delimited` until its value
     /// comes back. Succeeds only when an agent is really answering.
     pub fn sync(&self, timeout: Duration) -> Result<(), AgentError> {
+        let _one = lock(&self.sync_lock);
+        self.sync_locked(timeout)
+    }
+
+    /// Resyncs unless another caller just did.
+    fn ensure_synced(&self, timeout: Duration) -> Result<(), AgentError> {
+        if !self.needs_sync.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let _one = lock(&self.sync_lock);
+        if !self.needs_sync.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.sync_locked(timeout)
+    }
+
+    fn sync_locked(&self, timeout: Duration) -> Result<(), AgentError> {
         let value = random_u64() >> 12; // qemu-ga takes an int; stay within JSON's exact range
         let (tx, rx) = mpsc::sync_channel(1);
         {
@@ -176,10 +205,18 @@ impl AgentClient {
                 self.needs_sync.store(false, Ordering::SeqCst);
                 Ok(())
             }
-            Err(_) => {
-                lock(&self.shared.routes).sync = None;
+            Err(RecvTimeoutError::Timeout) => {
+                let mut r = lock(&self.shared.routes);
+                if matches!(r.sync, Some((v, _)) if v == value) {
+                    r.sync = None;
+                }
                 self.needs_sync.store(true, Ordering::SeqCst);
                 Err(AgentError::Timeout(timeout))
+            }
+            // The channel failed (fail_all dropped the sender).
+            Err(RecvTimeoutError::Disconnected) => {
+                self.needs_sync.store(true, Ordering::SeqCst);
+                Err(AgentError::Gone)
             }
         }
     }
@@ -191,9 +228,7 @@ impl AgentClient {
         arguments: Value,
         timeout: Duration,
     ) -> Result<Value, AgentError> {
-        if self.needs_sync.load(Ordering::SeqCst) {
-            self.sync(timeout.min(Duration::from_secs(5)))?;
-        }
+        self.ensure_synced(timeout.min(Duration::from_secs(5)))?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::sync_channel(1);
         {
@@ -252,27 +287,61 @@ impl AgentClient {
         }
     }
 
-    /// Picks up the queue of a stream the agent opened.
-    pub fn take_stream(
-        &self,
-        stream: u32,
-        recv_window: u32,
-        send_window: u32,
-    ) -> Result<Receiver<Item>, AgentError> {
+    /// Registers a new stream, before the command that starts it is sent
+    /// (its frames may come before the answer), granting the guest
+    /// `recv_window` bytes. Returns its number and its queue.
+    pub fn open_stream(&self, recv_window: u32) -> Result<(u32, Receiver<Item>), AgentError> {
         let mut r = lock(&self.shared.routes);
-        let st = r.streams.entry(stream).or_insert_with(new_stream);
-        // The stream started with the default window; bytes that arrived
-        // before this pickup already count against it.
-        st.recv_credit += i64::from(recv_window) - i64::from(wire::DEFAULT_WINDOW);
-        st.send_credit += u64::from(send_window);
-        st.rx
-            .take()
-            .ok_or_else(|| AgentError::Protocol(format!("stream {stream} was opened twice")))
+        if r.broken {
+            return Err(AgentError::Gone);
+        }
+        if r.streams.len() >= MAX_STREAMS {
+            return Err(AgentError::Unsupported(format!(
+                "{MAX_STREAMS} commands and copies are already running in this sandbox; \
+                 wait for one to end"
+            )));
+        }
+        let id = loop {
+            let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+            if id != 0 && !r.streams.contains_key(&id) {
+                break id;
+            }
+        };
+        let (tx, rx) = mpsc::channel();
+        let st = StreamState {
+            tx: Some(tx),
+            recv_credit: i64::from(recv_window),
+            send_credit: 0,
+            finished: false,
+        };
+        r.streams.insert(id, st);
+        Ok((id, rx))
     }
 
-    /// Forgets a stream (its exit or eof was seen, or the caller gave up).
+    /// The guest granted `bytes` of input up front (`Started::window`).
+    pub fn add_send_credit(&self, stream: u32, bytes: u32) {
+        if let Some(st) = lock(&self.shared.routes).streams.get_mut(&stream) {
+            st.send_credit += u64::from(bytes);
+        }
+        self.shared.credit.notify_all();
+    }
+
+    /// Forgets a stream (its exit or eof was seen, or the caller gave up):
+    /// later frames for it are dropped, and a sender waiting for its credit
+    /// wakes and fails.
     pub fn close_stream(&self, stream: u32) {
         lock(&self.shared.routes).streams.remove(&stream);
+        self.shared.credit.notify_all();
+    }
+
+    /// Asks the agent to stop a stream (kill its command, end its copy), and
+    /// forgets it. For a caller that gives up before the stream's end.
+    pub fn cancel_stream(&self, stream: u32) {
+        self.close_stream(stream);
+        let _ = self.send_no_reply(
+            wire::CMD_CANCEL,
+            json!(wire::StreamCredit { stream, bytes: 0 }),
+        );
     }
 
     /// Tells the agent it may send `bytes` more on `stream` (we consumed them).
@@ -361,16 +430,6 @@ impl Drop for AgentClient {
 /// The error class the reader gives to requests it fails itself.
 const GONE: &str = "agentlab:gone";
 
-fn new_stream() -> StreamState {
-    let (tx, rx) = mpsc::channel();
-    StreamState {
-        tx: Some(tx),
-        rx: Some(rx),
-        recv_credit: i64::from(wire::DEFAULT_WINDOW),
-        send_credit: 0,
-    }
-}
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -451,10 +510,14 @@ fn route(shared: &Shared, frame: Frame) {
 
 fn route_data(shared: &Shared, chan: u32, kind: u8, payload: Vec<u8>) {
     let mut r = lock(&shared.routes);
-    if !r.streams.contains_key(&chan) && r.streams.len() >= MAX_STREAMS {
+    // Not a stream we opened (or one already closed): nobody to give it to.
+    let Some(st) = r.streams.get_mut(&chan).filter(|st| !st.finished) else {
+        crate::debug!(
+            "qga: dropped {} bytes for stream {chan}, not open",
+            payload.len()
+        );
         return;
-    }
-    let st = r.streams.entry(chan).or_insert_with(new_stream);
+    };
     st.recv_credit -= payload.len() as i64;
     if st.recv_credit < 0 {
         // More than we allowed: the guest ignores flow control. Cut it off
@@ -503,29 +566,49 @@ fn route_message(shared: &Shared, m: Message) {
 
 fn route_event(r: &mut Routes, shared: &Shared, name: &str, data: Value) {
     let stream = data["stream"].as_u64().and_then(|s| u32::try_from(s).ok());
-    let Some(stream) = stream else { return };
-    if !r.streams.contains_key(&stream) && r.streams.len() >= MAX_STREAMS {
+    // Late events of a stream we gave up on land here, as do made-up ones.
+    let Some(st) = stream.and_then(|s| r.streams.get_mut(&s)) else {
         return;
-    }
-    let st = r.streams.entry(stream).or_insert_with(new_stream);
-    match name {
+    };
+    let item = match name {
         wire::EVENT_CREDIT => {
             let bytes = data["bytes"].as_u64().unwrap_or(0).min(u64::from(u32::MAX));
             st.send_credit = st.send_credit.saturating_add(bytes);
             shared.credit.notify_all();
+            return;
         }
-        wire::EVENT_EXIT => {
-            if let (Some(tx), Ok(exit)) = (&st.tx, serde_json::from_value::<wire::Exit>(data)) {
-                let _ = tx.send(Item::Exit(exit));
-            }
-        }
-        wire::EVENT_EOF => {
-            if let (Some(tx), Ok(done)) = (&st.tx, serde_json::from_value::<wire::TarDone>(data)) {
-                let _ = tx.send(Item::Eof(done));
-            }
-        }
-        _ => {}
+        wire::EVENT_EXIT => serde_json::from_value::<wire::Exit>(data)
+            .ok()
+            .map(|mut e| {
+                e.error = e.error.map(cut_error);
+                Item::Exit(e)
+            }),
+        wire::EVENT_EOF => serde_json::from_value::<wire::TarDone>(data)
+            .ok()
+            .map(|mut d| {
+                d.error = d.error.map(cut_error);
+                Item::Eof(d)
+            }),
+        _ => None,
+    };
+    if let (Some(item), Some(tx), false) = (item, &st.tx, st.finished) {
+        st.finished = true;
+        let _ = tx.send(item);
     }
+}
+
+/// Guest-written text kept in a record or shown to a user: at most
+/// `MAX_ERROR` bytes, cut on a character boundary.
+pub fn cut_error(mut s: String) -> String {
+    if s.len() > MAX_ERROR {
+        let mut end = MAX_ERROR;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
 }
 
 #[cfg(test)]
@@ -635,14 +718,21 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
-    #[test]
-    fn data_before_the_caller_takes_the_stream_is_kept() {
-        let (client, mut guest, dir) = pair();
-        guest
-            .write_all(&wire::encode_data(9, wire::kind::STDOUT, b"early"))
-            .unwrap();
+    fn stream_count(client: &AgentClient) -> usize {
+        lock(&client.shared.routes).streams.len()
+    }
+
+    fn settle() {
         std::thread::sleep(Duration::from_millis(100));
-        let rx = client.take_stream(9, wire::DEFAULT_WINDOW, 0).unwrap();
+    }
+
+    #[test]
+    fn data_before_the_answer_is_kept_for_the_opened_stream() {
+        let (client, mut guest, dir) = pair();
+        let (id, rx) = client.open_stream(wire::DEFAULT_WINDOW).unwrap();
+        guest
+            .write_all(&wire::encode_data(id, wire::kind::STDOUT, b"early"))
+            .unwrap();
         assert_eq!(
             rx.recv_timeout(Duration::from_secs(5)).unwrap(),
             Item::Data {
@@ -653,15 +743,91 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    /// A guest sending events and data for numbers nobody opened made the
+    /// host keep a queue for each, unbounded and never read.
+    #[test]
+    fn frames_and_events_for_streams_never_opened_are_dropped() {
+        let (client, mut guest, dir) = pair();
+        for s in 0..300u32 {
+            guest
+                .write_all(&wire::encode_data(s, wire::kind::STDOUT, &[0u8; 1024]))
+                .unwrap();
+            let ev = Message::Event {
+                name: wire::EVENT_EXIT.into(),
+                data: json!({"stream": s, "error": "x".repeat(10_000)}),
+            };
+            guest.write_all(&ev.encode()).unwrap();
+        }
+        settle();
+        assert_eq!(stream_count(&client), 0);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Late exit events re-created closed streams; after 256 of them a new
+    /// command's output and exit were dropped and its exec hung forever.
+    #[test]
+    fn closed_streams_stay_closed_and_new_ones_still_work() {
+        let (client, mut guest, dir) = pair();
+        for _ in 0..300 {
+            let (id, _rx) = client.open_stream(wire::DEFAULT_WINDOW).unwrap();
+            client.close_stream(id);
+            let ev = Message::Event {
+                name: wire::EVENT_EXIT.into(),
+                data: json!({"stream": id, "exitcode": 0}),
+            };
+            guest.write_all(&ev.encode()).unwrap();
+        }
+        settle();
+        assert_eq!(stream_count(&client), 0);
+        let (id, rx) = client.open_stream(wire::DEFAULT_WINDOW).unwrap();
+        guest
+            .write_all(&wire::encode_data(id, wire::kind::STDOUT, b"hi"))
+            .unwrap();
+        let ev = Message::Event {
+            name: wire::EVENT_EXIT.into(),
+            data: json!({"stream": id, "exitcode": 3}),
+        };
+        guest.write_all(&ev.encode()).unwrap();
+        assert!(matches!(
+            rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+            Item::Data { .. }
+        ));
+        let Item::Exit(exit) = rx.recv_timeout(Duration::from_secs(5)).unwrap() else {
+            panic!("expected the exit")
+        };
+        assert_eq!(exit.exitcode, Some(3));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_stream_takes_one_exit_with_its_error_text_cut() {
+        let (client, mut guest, dir) = pair();
+        let (id, rx) = client.open_stream(wire::DEFAULT_WINDOW).unwrap();
+        for _ in 0..50 {
+            let ev = Message::Event {
+                name: wire::EVENT_EXIT.into(),
+                data: json!({"stream": id, "error": "é".repeat(1 << 20)}),
+            };
+            guest.write_all(&ev.encode()).unwrap();
+        }
+        let Item::Exit(exit) = rx.recv_timeout(Duration::from_secs(5)).unwrap() else {
+            panic!("expected the exit")
+        };
+        assert!(exit.error.unwrap().len() <= MAX_ERROR + '…'.len_utf8());
+        settle();
+        assert!(rx.try_recv().is_err(), "a second exit was queued");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     #[test]
     fn a_guest_overrunning_its_credit_is_cut_off() {
         let (client, mut guest, dir) = pair();
-        let rx = client.take_stream(3, 10, 0).unwrap();
+        let (id, rx) = client.open_stream(10).unwrap();
         guest
-            .write_all(&wire::encode_data(3, wire::kind::STDOUT, &[1u8; 8]))
+            .write_all(&wire::encode_data(id, wire::kind::STDOUT, &[1u8; 8]))
             .unwrap();
         guest
-            .write_all(&wire::encode_data(3, wire::kind::STDOUT, &[1u8; 8]))
+            .write_all(&wire::encode_data(id, wire::kind::STDOUT, &[1u8; 8]))
             .unwrap();
         assert!(matches!(
             rx.recv_timeout(Duration::from_secs(5)).unwrap(),
@@ -677,21 +843,100 @@ mod tests {
     #[test]
     fn sending_waits_for_credit_from_the_guest() {
         let (client, mut guest, dir) = pair();
-        let _rx = client.take_stream(4, 0, 4).unwrap();
+        let (id, _rx) = client.open_stream(0).unwrap();
+        client.add_send_credit(id, 4);
         let client = Arc::new(client);
         let c = client.clone();
         let t = std::thread::spawn(move || {
-            c.send_data(4, wire::kind::STDIN, b"12345678", Duration::from_secs(5))
+            c.send_data(id, wire::kind::STDIN, b"12345678", Duration::from_secs(5))
         });
-        std::thread::sleep(Duration::from_millis(100));
+        settle();
         assert!(!t.is_finished());
         let ev = Message::Event {
             name: wire::EVENT_CREDIT.into(),
-            data: json!({"stream": 4, "bytes": 4}),
+            data: json!({"stream": id, "bytes": 4}),
         };
         guest.write_all(&ev.encode()).unwrap();
         assert!(t.join().unwrap().is_ok());
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// After `cat big | exec -- true`, the stdin forwarder sat an hour
+    /// waiting for credit the guest would never give the ended stream.
+    #[test]
+    fn closing_a_stream_wakes_a_sender_waiting_for_credit() {
+        let (client, _guest, dir) = pair();
+        let (id, _rx) = client.open_stream(0).unwrap();
+        let client = Arc::new(client);
+        let c = client.clone();
+        let t = std::thread::spawn(move || {
+            c.send_data(id, wire::kind::STDIN, b"x", Duration::from_secs(3600))
+        });
+        settle();
+        client.close_stream(id);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !t.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(t.is_finished(), "the sender still waits");
+        assert!(t.join().unwrap().is_err());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Resyncs racing after a port change reset each other: most callers
+    /// failed with a timeout although the agent answered every sync.
+    #[test]
+    fn concurrent_callers_share_one_resync() {
+        let (client, guest, dir) = pair();
+        let client = Arc::new(client);
+        let answered = std::thread::spawn(move || answer_everything(guest));
+        let callers: Vec<_> = (0..6)
+            .map(|_| {
+                let c = client.clone();
+                std::thread::spawn(move || {
+                    c.call("guest-ping", Value::Null, Duration::from_secs(5))
+                })
+            })
+            .collect();
+        for c in callers {
+            c.join().unwrap().unwrap();
+        }
+        drop(client);
+        let syncs = answered.join().unwrap();
+        assert_eq!(syncs, 1, "one resync serves every caller");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A fake agent: echoes syncs, answers other requests with `{}`; returns
+    /// how many syncs it saw once the host hangs up.
+    fn answer_everything(mut guest: UnixStream) -> usize {
+        let mut d = Decoder::new(1 << 20);
+        let mut buf = [0u8; 4096];
+        let mut syncs = 0;
+        loop {
+            for f in d.by_ref() {
+                let Ok(Frame::Json(j)) = f else { continue };
+                let Ok(Message::Request {
+                    execute,
+                    arguments,
+                    id,
+                }) = Message::parse(&j)
+                else {
+                    continue;
+                };
+                let value = if execute == "guest-sync-delimited" {
+                    syncs += 1;
+                    arguments["id"].clone()
+                } else {
+                    json!({})
+                };
+                let _ = guest.write_all(&Message::Return { value, id }.encode());
+            }
+            match guest.read(&mut buf) {
+                Ok(0) | Err(_) => return syncs,
+                Ok(n) => d.push(&buf[..n]),
+            }
+        }
     }
 
     #[test]

@@ -31,6 +31,11 @@ pub const DATA: u8 = 0xFE;
 pub const DATA_HEADER: usize = 10;
 /// Largest payload in one data frame.
 pub const MAX_DATA: usize = 64 * 1024;
+/// Most JSON values (counted by their separators) one message may hold.
+/// Parsed, each costs tens of bytes: `[0,0,…]` filling `max_json` would
+/// otherwise cost twenty times its size. The largest real message (a
+/// guest's interfaces and addresses) holds a few hundred.
+pub const MAX_VALUES: usize = 1 << 16;
 /// Credit granted up front to each stream direction.
 pub const DEFAULT_WINDOW: u32 = 1 << 20;
 
@@ -58,6 +63,8 @@ pub enum Frame {
 pub enum WireError {
     #[error("peer sent a JSON message longer than {max} bytes; skipped to the next sync")]
     JsonTooLong { max: usize },
+    #[error("peer sent a JSON message of more than {MAX_VALUES} values; skipped to the next sync")]
+    TooManyValues,
     #[error("peer sent a data frame of {len} bytes (at most {MAX_DATA})")]
     DataTooLong { len: usize },
     #[error("peer sent byte {byte:#04x} outside any message")]
@@ -72,6 +79,8 @@ struct Scan {
     depth: usize,
     in_string: bool,
     escaped: bool,
+    /// `{`, `[`, `,` and `:` seen outside strings.
+    values: usize,
 }
 
 /// Splits a byte stream into frames. Never panics, never holds more than
@@ -196,6 +205,14 @@ impl Decoder {
                     _ => {}
                 }
                 continue;
+            }
+            if matches!(b, b'{' | b'[' | b',' | b':') {
+                scan.values += 1;
+                if scan.values > MAX_VALUES {
+                    self.start += scan.at;
+                    self.skipping = true;
+                    return Some(Err(WireError::TooManyValues));
+                }
             }
             match b {
                 b'"' => scan.in_string = true,
@@ -391,6 +408,10 @@ pub struct ExecArgs {
     /// Credit for the output direction.
     #[serde(default = "default_window")]
     pub window: u32,
+    /// The stream number to use (the host picks it, so it knows where
+    /// frames belong before the answer comes); else the agent picks one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<u32>,
 }
 
 /// The answer to `agentlab-exec`, `agentlab-tar-out` and `agentlab-tar-in`.
@@ -447,6 +468,9 @@ pub struct TarArgs {
     pub path: String,
     #[serde(default = "default_window")]
     pub window: u32,
+    /// As in `ExecArgs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<u32>,
 }
 
 /// `agentlab-eof` event (tar-out finished) and the answer to tar-in-end.
@@ -650,6 +674,32 @@ mod tests {
             frames(&mut d),
             vec![Ok(Frame::Sync), Ok(Frame::Json(b"{\"ok\":1}".to_vec()))]
         );
+    }
+
+    /// A guest sent `{"return":[0,0,0,…]}` of 64 MiB; parsed into a Value it
+    /// took the daemon past 1 GiB.
+    #[test]
+    fn a_message_of_too_many_values_is_refused_before_parsing() {
+        let mut d = Decoder::new(64 << 20);
+        let mut msg = b"{\"return\":[".to_vec();
+        msg.extend(b"0,".repeat(MAX_VALUES));
+        msg.extend(b"0]}");
+        d.push(&msg);
+        assert_eq!(d.next(), Some(Err(WireError::TooManyValues)));
+        d.push(b"\xff{\"return\":[1,2,3]}");
+        assert_eq!(
+            frames(&mut d),
+            vec![
+                Ok(Frame::Sync),
+                Ok(Frame::Json(b"{\"return\":[1,2,3]}".to_vec()))
+            ]
+        );
+        let mut d = Decoder::new(64 << 20);
+        let mut fine = b"{\"return\":[".to_vec();
+        fine.extend(b"0,".repeat(MAX_VALUES - 10));
+        fine.extend(b"0]}");
+        d.push(&fine);
+        assert!(matches!(d.next(), Some(Ok(Frame::Json(_)))));
     }
 
     #[test]
