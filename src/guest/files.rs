@@ -457,13 +457,7 @@ pub fn end_tar_in(stream: u32, streams: &Streams) -> Result<TarDone, FileError> 
 mod tests {
     use super::*;
 
-    fn scratch(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("agentlab-files-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
+    use crate::tar::testdir::TempDir;
 
     #[test]
     fn fopen_modes_map_to_open_options() {
@@ -479,7 +473,8 @@ mod tests {
 
     #[test]
     fn write_seek_read_round_trip() {
-        let dir = scratch("rw");
+        let tmp = TempDir::new("files-rw");
+        let dir = tmp.path().to_path_buf();
         let files = Files::default();
         let path = dir.join("f").to_string_lossy().into_owned();
         let handle = files
@@ -554,14 +549,16 @@ mod tests {
 
     #[test]
     fn tar_in_into_an_existing_directory_keeps_the_root_name() {
-        let dir = scratch("into");
+        let tmp = TempDir::new("files-into");
+        let dir = tmp.path().to_path_buf();
         let (dest, rename) = tar_in_target(dir.to_str().unwrap()).unwrap();
         assert_eq!((dest, rename), (dir, None));
     }
 
     #[test]
     fn tar_in_to_a_new_name_renames_the_root() {
-        let dir = scratch("rename");
+        let tmp = TempDir::new("files-rename");
+        let dir = tmp.path().to_path_buf();
         let target = dir.join("newname");
         let (dest, rename) = tar_in_target(target.to_str().unwrap()).unwrap();
         assert_eq!((dest, rename.as_deref()), (dir, Some("newname")));
