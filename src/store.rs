@@ -2,7 +2,8 @@
 //!
 //! Trees and keys (all integers big-endian, so sled's order is numeric order):
 //! - `sandboxes`: vmid (u32) → `model::Sandbox` as JSON
-//! - `events`: event id (u64) → `model::Event` as JSON (append-only)
+//! - `events`: event id (u64) → `model::Event` as JSON (appended; the oldest
+//!   are dropped beyond `event_log_max`)
 //! - `events_by_vmid`: vmid (u32) ‖ event id (u64) → empty (index)
 //! - `meta`: `schema_version` → u32, `next_vmid` → u32, `next_event` → u64
 //!
@@ -297,6 +298,47 @@ impl Store {
         Ok(v)
     }
 
+    /// Drops the oldest events (and their index entries) so that at most
+    /// `keep` remain; returns how many went. Event ids are dense, so the
+    /// count is the id range.
+    pub fn trim_events(&self, keep: u64) -> Result<u64, StoreError> {
+        self.trim_events_batched(keep, 10_000)
+    }
+
+    fn trim_events_batched(&self, keep: u64, batch: usize) -> Result<u64, StoreError> {
+        let Some((first, _)) = self.events.first()? else {
+            return Ok(0);
+        };
+        let (first, last) = (read_u64(&first), self.last_event_id()?);
+        if last - first < keep {
+            return Ok(0);
+        }
+        let cut = (last + 1 - keep).to_be_bytes();
+        let mut gone = 0;
+        // In batches, so a first trim of a large log holds little at once.
+        loop {
+            let (mut events, mut index) = (sled::Batch::default(), sled::Batch::default());
+            let mut n = 0;
+            for kv in self.events.range(..cut).take(batch) {
+                let (k, v) = kv?;
+                if let Ok(Event {
+                    vmid: Some(vmid), ..
+                }) = serde_json::from_slice(&v)
+                {
+                    index.remove(index_key(vmid, read_u64(&k)).as_slice());
+                }
+                events.remove(k);
+                n += 1;
+            }
+            if n == 0 {
+                return Ok(gone);
+            }
+            self.by_vmid.apply_batch(index)?;
+            self.events.apply_batch(events)?;
+            gone += n;
+        }
+    }
+
     pub fn last_event_id(&self) -> Result<u64, StoreError> {
         Ok(self.events.last()?.map(|(k, _)| read_u64(&k)).unwrap_or(0))
     }
@@ -474,6 +516,26 @@ mod tests {
             .map(|e| e.msg)
             .collect();
         assert_eq!(msgs, vec!["a", "c"]);
+    }
+
+    /// Two events per exec, kept forever: the log (and the daemon's memory)
+    /// grew with every command run.
+    #[test]
+    fn the_event_log_keeps_only_the_newest_events() {
+        let t = TempDb::new("trim");
+        for i in 0..2500u32 {
+            t.store
+                .append_event(EventDraft::new(Some(1000 + i % 2), "k", i.to_string()))
+                .unwrap();
+        }
+        assert_eq!(t.store.trim_events_batched(100, 300).unwrap(), 2400);
+        assert_eq!(t.store.trim_events(100).unwrap(), 0);
+        let all = t.store.events_after(0, 100_000).unwrap();
+        assert_eq!(all.len(), 100);
+        assert_eq!(all[0].msg, "2400");
+        // The per-sandbox index went with them.
+        assert_eq!(t.store.events_for(1000, 0, 100_000).unwrap().len(), 50);
+        assert_eq!(t.store.by_vmid.len(), 100);
     }
 
     #[test]

@@ -107,6 +107,8 @@ pub struct Config {
     #[serde(serialize_with = "ser_duration")]
     pub stop_timeout: Duration,
     pub console_log_max_bytes: u64,
+    /// Events kept in the log; older ones are dropped (an exec is two).
+    pub event_log_max: u64,
     #[serde(serialize_with = "ser_opt_duration")]
     pub default_ttl: Option<Duration>,
     pub proxmox: Option<ProxmoxConfig>,
@@ -223,6 +225,7 @@ impl Config {
             boot_timeout: Duration::from_secs(5 * 60),
             stop_timeout: Duration::from_secs(30),
             console_log_max_bytes: 8 * 1024 * 1024,
+            event_log_max: 200_000,
             default_ttl: None,
             proxmox: None,
         }
@@ -304,6 +307,7 @@ const CONFIG_KEYS: &[&str] = &[
     "boot_timeout",
     "stop_timeout",
     "console_log_max_bytes",
+    "event_log_max",
     "default_ttl",
 ];
 
@@ -392,6 +396,9 @@ fn read_runtime(m: &Mapping, c: &mut Config) -> Read<()> {
     })?;
     if let Some(bytes) = bytes {
         c.console_log_max_bytes = bytes;
+    }
+    if let Some(n) = m.opt("event_log_max", |n| n.int_in(1000..=100_000_000))? {
+        c.event_log_max = n;
     }
     // 0 means "no expiry", the same as leaving the key out.
     c.default_ttl = m
@@ -512,6 +519,7 @@ mod tests {
                 boot_timeout: Duration::from_secs(300),
                 stop_timeout: Duration::from_secs(30),
                 console_log_max_bytes: 8 << 20,
+                event_log_max: 200_000,
                 default_ttl: None,
                 proxmox: None,
             }

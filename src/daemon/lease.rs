@@ -15,6 +15,12 @@ impl Manager {
     /// Expires leases and enforces boot deadlines. Called about once a second;
     /// never waits for a sandbox another operation holds.
     pub fn tick(&self) {
+        // Two key lookups while the log is under its cap.
+        match self.store().trim_events(self.config().event_log_max) {
+            Ok(0) => {}
+            Ok(n) => crate::debug!("event log: dropped the {n} oldest events"),
+            Err(e) => crate::warn!("event log: cannot trim: {}", crate::log::error_chain(&e)),
+        }
         let Ok(all) = self.store().list() else { return };
         let now = Timestamp::now();
         for sb in all {
