@@ -99,6 +99,15 @@ fn adopt(m: &Manager, mut sb: Sandbox) -> (u32, bool) {
             .with_data(json!({"pid": rt.pid}));
             sb.runtime = Some(rt);
             let _ = m.record(&sb, draft);
+            // RUNNING counts the previous daemon's execs; none of them
+            // survived it (the agent cancels a departed host's commands).
+            if sb.state == State::Running {
+                let _ = m.transition(
+                    &mut sb,
+                    State::Ready,
+                    "idle: commands ended with the daemon",
+                );
+            }
             return (vmid, true);
         }
         Ok(Adoption::Gone) => "the hypervisor exited while agentlabd was not running".to_string(),
