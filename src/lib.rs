@@ -11,6 +11,8 @@
 //! - `config`   `config.yaml` and profiles (parse, validate, resolve)
 //! - `backend`  `trait Backend` and the local QEMU backend
 //! - `qmp`      QEMU Machine Protocol client
+//! - `net`      bridge, TAPs, DNS and nftables for the sandbox network
+//! - `dhcp`     the DHCPv4 server on the sandbox bridge
 //! - `framing`  newline-delimited JSON framing shared by QMP and the guest agent
 //! - `qcow`     qcow2 overlay writer and header validator
 //! - `image`    base images and the default guest (kernel + busybox initramfs + ext4)
@@ -29,11 +31,13 @@ pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod dhcp;
 pub mod framing;
 pub mod guest;
 pub mod image;
 pub mod log;
 pub mod model;
+pub mod net;
 pub mod qcow;
 pub mod qga;
 pub mod qmp;

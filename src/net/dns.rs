@@ -1,0 +1,1 @@
+//! DNS on the sandbox gateway: codec, forwarder, per-sandbox policy.

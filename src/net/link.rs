@@ -1,0 +1,1 @@
+//! Bridge and TAP devices for sandboxes, through netlink and ioctls in `sys`.

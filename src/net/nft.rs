@@ -1,0 +1,1 @@
+//! The `inet agentlab` nftables table: rendered from a typed plan, applied atomically.
