@@ -8,6 +8,7 @@
 
 pub mod ext4;
 pub mod kvm;
+pub mod netns;
 pub mod process;
 pub mod pty;
 pub mod tty;
