@@ -584,7 +584,7 @@ mod tests {
             )
             .unwrap();
         }
-        let s = Store::open(&dir).unwrap();
+        let s = reopen(&dir).unwrap();
         assert_eq!(s.get(1000).unwrap().unwrap().state, State::Stopped);
         assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
         drop(s);
@@ -601,8 +601,25 @@ mod tests {
             s.meta.insert(KEY_SCHEMA, &99u32.to_be_bytes()).unwrap();
             s.flush().unwrap();
         }
-        let err = Store::open(&dir).err().unwrap();
+        let err = reopen(&dir).err().unwrap();
         let _ = std::fs::remove_dir_all(&dir);
-        assert!(matches!(err, StoreError::SchemaTooNew { found: 99, .. }));
+        assert!(
+            matches!(err, StoreError::SchemaTooNew { found: 99, .. }),
+            "{err:?}"
+        );
+    }
+
+    /// Opens a database a moment ago dropped: sled's flusher thread lets go
+    /// of the file lock shortly after the last handle, not with it.
+    fn reopen(dir: &Path) -> Result<Store, StoreError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match Store::open(dir) {
+                Err(StoreError::Open { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                other => return other,
+            }
+        }
     }
 }
