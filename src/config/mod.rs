@@ -12,10 +12,12 @@
 //! keys are errors, unlike AgentLab, which ignores them. The YAML tree comes
 //! from yaml-rust2 and is walked by the small reader in `yaml.rs`.
 
+mod network;
 mod profile;
 mod proxmox;
 mod yaml;
 
+pub use network::NetworkConfig;
 pub use profile::{
     is_valid_name, parse_profile_str, AllowRule, Behavior, NetworkMode, NetworkProfile, NicModel,
     Profile, Profiles, Resources, Storage, BEHAVIOR_MODES, WORKSPACE_MODES,
@@ -112,6 +114,7 @@ pub struct Config {
     #[serde(serialize_with = "ser_opt_duration")]
     pub default_ttl: Option<Duration>,
     pub proxmox: Option<ProxmoxConfig>,
+    pub network: NetworkConfig,
 }
 
 /// Why a config file or profile could not be used. `main` prints the chain.
@@ -228,6 +231,7 @@ impl Config {
             event_log_max: 200_000,
             default_ttl: None,
             proxmox: None,
+            network: NetworkConfig::default(),
         }
     }
 
@@ -340,11 +344,12 @@ pub fn parse_config_str(text: &str, origin: &Path) -> Result<Config, ConfigError
 }
 
 fn config_from_yaml(root: &Node, config_dir: &Path) -> Read<Config> {
-    let m = root.mapping_of(&[CONFIG_KEYS, proxmox::PROXMOX_KEYS])?;
+    let m = root.mapping_of(&[CONFIG_KEYS, proxmox::PROXMOX_KEYS, network::NETWORK_KEYS])?;
     let mut c = Config::defaults_in(config_dir);
     read_paths(&m, &mut c)?;
     read_runtime(&m, &mut c)?;
     c.proxmox = proxmox::read_proxmox(&m, &c.backend)?;
+    c.network = network::read_network(&m)?;
     Ok(c)
 }
 
@@ -522,6 +527,7 @@ mod tests {
                 event_log_max: 200_000,
                 default_ttl: None,
                 proxmox: None,
+                network: NetworkConfig::default(),
             }
         );
     }

@@ -330,7 +330,7 @@ pub fn is_valid_name(s: &str) -> bool {
 
 /// A Linux interface name: 1..=15 bytes (IFNAMSIZ 16 with the NUL), no `/`,
 /// blanks or `:`; kept to the characters `ip link` users actually type.
-fn bridge_value(node: &Node) -> Read<String> {
+pub(super) fn bridge_value(node: &Node) -> Read<String> {
     let s = node.string()?;
     let chars_ok = s
         .bytes()
