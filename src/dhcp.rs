@@ -85,7 +85,9 @@ pub enum LeaseEvent {
     },
 }
 
-/// The daemon's side: static bindings in, lease changes out.
+/// The daemon's side: static bindings in, lease changes out. Both are called
+/// on the server's thread for each packet, so they must be quick (an
+/// in-memory map or a sled read; hand slow work to another thread).
 pub trait Directory: Send + Sync + 'static {
     /// The static binding for this MAC; None → the server stays silent.
     fn lookup(&self, mac: [u8; 6]) -> Option<Binding>;

@@ -29,6 +29,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use super::codec::{Message, MAX_MESSAGE};
 use super::lease::{Destination, Leases, Outcome};
 use super::{fmt_mac, Directory, LeaseEvent, LeaseInfo, ServerConfig};
+use crate::log::{self, Level};
 use crate::sys::packet::{self, FrameSender};
 use crate::{debug, info, warn};
 
@@ -107,7 +108,8 @@ impl DhcpServer {
             iface: cfg.iface.clone(),
             dir,
             shared: shared.clone(),
-            errors: RateLimit::default(),
+            errors: RateLimit::new(Level::Warn),
+            ignored: RateLimit::new(Level::Debug),
         };
         let thread = std::thread::Builder::new()
             .name(format!("dhcp-{}", cfg.iface))
@@ -121,6 +123,7 @@ impl DhcpServer {
     }
 
     /// Stops the thread and closes the sockets; returns once both are done.
+    /// (Dropping the server does the same; this names the intent.)
     pub fn stop(self) {}
 
     /// The lease table as the server holds it now.
@@ -186,7 +189,9 @@ struct Driver {
     iface: String,
     dir: Arc<dyn Directory>,
     shared: Arc<Shared>,
+    /// Garbage and strangers' requests: a guest can send these at line rate.
     errors: RateLimit,
+    ignored: RateLimit,
 }
 
 impl Driver {
@@ -258,10 +263,9 @@ impl Driver {
     fn act(&mut self, outcome: Outcome, req: &Message) {
         if let Some(why) = outcome.ignored {
             let mac = req.mac().map(fmt_mac).unwrap_or_default();
-            debug!(
-                "dhcp on {}: ignored {mac} xid {:#x}: {why}",
-                self.iface, req.xid
-            );
+            let (iface, xid) = (&self.iface, req.xid);
+            self.ignored
+                .log(|| format!("dhcp on {iface}: ignored {mac} xid {xid:#x}: {why}"));
         }
         if let Some(ev) = outcome.event {
             log_event(&self.iface, &ev);
@@ -349,16 +353,27 @@ fn log_event(iface: &str, ev: &LeaseEvent) {
     }
 }
 
-/// At most one log line a second; the lines in between are counted and the
-/// count rides on the next line.
-#[derive(Default)]
+/// At most one log line a second at `level`; the lines in between are
+/// counted and the count rides on the next line.
 struct RateLimit {
+    level: Level,
     last: Option<Instant>,
     suppressed: u64,
 }
 
 impl RateLimit {
+    fn new(level: Level) -> RateLimit {
+        RateLimit {
+            level,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
     fn log(&mut self, line: impl FnOnce() -> String) {
+        if !log::enabled(self.level) {
+            return;
+        }
         let now = Instant::now();
         if self
             .last
@@ -369,8 +384,11 @@ impl RateLimit {
         }
         let more = std::mem::take(&mut self.suppressed);
         match more {
-            0 => warn!("{}", line()),
-            n => warn!("{} ({n} similar suppressed)", line()),
+            0 => log::write(self.level, format_args!("{}", line())),
+            n => log::write(
+                self.level,
+                format_args!("{} ({n} similar suppressed)", line()),
+            ),
         }
         self.last = Some(now);
     }
