@@ -1,7 +1,8 @@
 //! The only room with `unsafe`: process inspection and control, pidfds,
 //! KVM probing, and, used in the guest, the online-resize ioctl (`ext4`) and
 //! pseudo-terminals with the between-fork-and-exec setup of the agent's
-//! children (`pty`).
+//! children (`pty`); in the daemon, the DHCP server's interface-bound UDP
+//! and raw Ethernet sockets (`packet`).
 //!
 //! Everything outside `sys` is `unsafe`-free; each `unsafe` block here says
 //! why it is sound in a `// SAFETY:` comment.
@@ -9,6 +10,7 @@
 pub mod ext4;
 pub mod kvm;
 pub mod netns;
+pub mod packet;
 pub mod process;
 pub mod pty;
 pub mod tty;
