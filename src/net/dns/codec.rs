@@ -396,7 +396,9 @@ pub fn read_name(buf: &[u8], pos: usize) -> Result<(String, usize), ParseError> 
             LABEL_POINTER => {
                 let lo = *buf.get(at + 1).ok_or(ParseError::Truncated("pointer"))?;
                 let target = usize::from(u16::from_be_bytes([len, lo]) & POINTER_MASK);
-                if target >= floor {
+                // No name starts inside the header; allowing it would let a
+                // reply built from a query's question bytes mean another name.
+                if target >= floor || target < HEADER_LEN {
                     return Err(ParseError::BadPointer(target));
                 }
                 end.get_or_insert(at + 2);
@@ -566,6 +568,14 @@ mod tests {
         msg.truncate(HEADER_LEN);
         msg.extend_from_slice(&[0xC0, 12]);
         assert_eq!(Message::parse(&msg), Err(ParseError::BadPointer(12)));
+    }
+
+    #[test]
+    fn pointer_into_the_header_is_rejected() {
+        let mut msg = vec![0u8; HEADER_LEN];
+        msg[5] = 1;
+        msg.extend_from_slice(&[0xC0, 2, 0, 1, 0, 1]);
+        assert_eq!(Message::parse(&msg), Err(ParseError::BadPointer(2)));
     }
 
     #[test]
