@@ -1,7 +1,8 @@
 //! DNS on the sandbox gateway (DESIGN.md §6): a small forwarding resolver
 //! with a per-sandbox policy. It owns the DNS wire format (`codec`), the
 //! per-client decision and allowlist matching (`policy`), the answer cache
-//! (`cache`) and the UDP/TCP server with its upstream exchange (`server`).
+//! (`cache`), the UDP/TCP server (`server`) and the upstream exchange
+//! (`upstream`).
 //! It does not own the nft sets: answers an allowlist lets through are handed
 //! to [`Policy::allowed`], and the daemon adds them to the sandbox's set.
 //!
@@ -27,6 +28,7 @@ pub mod cache;
 pub mod codec;
 pub mod policy;
 mod server;
+mod upstream;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};

@@ -4,19 +4,12 @@
 //! the others. Local answers, denials and cache hits are sent straight from
 //! the UDP listener thread; only upstream work gets its own thread.
 //!
-//! Upstream exchange (RFC 5452): every forwarded question goes out from a
-//! fresh UDP socket (a random ephemeral port the kernel picks) connected to
-//! the upstream (so only its replies arrive), with a random id, and a reply
-//! counts only if id, QR and question all match. A truncated reply is asked
-//! again over TCP. Upstreams are tried in turn until the budget runs out.
-//!
 //! Stopping: listeners are woken by `shutdown(2)` on their sockets; other
 //! threads wait in slices of [`SLICE`] and look at the stop flag between.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::io::{self, ErrorKind, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::io::{self, ErrorKind, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
@@ -25,12 +18,9 @@ use std::time::{Duration, Instant};
 use super::cache::{Cache, Key};
 use super::codec::{self, Message, Rcode, OPCODE_QUERY};
 use super::policy::{self, Decision};
+use super::upstream::{read_framed, Upstream, MAX_UDP, SLICE};
 use super::{DnsConfig, DnsStats, Policy, Resolved};
 
-/// How long a blocked thread waits before it looks at the stop flag.
-const SLICE: Duration = Duration::from_millis(200);
-/// Largest datagram read (EDNS0 payloads above this are unusual).
-const MAX_UDP: usize = 4096;
 /// How long `stop` waits for threads still answering.
 const STOP_GRACE: Duration = Duration::from_secs(3);
 /// TTL of local answers: short, sandboxes come and go.
@@ -54,7 +44,7 @@ struct Shared {
     tcp_conns: Permits,
     /// Worker threads (forwarders and TCP connections) still running.
     workers: (Mutex<usize>, Condvar),
-    random: Mutex<File>,
+    upstream: Upstream,
 }
 
 #[derive(Default)]
@@ -74,14 +64,17 @@ fn bump(c: &AtomicU64) {
 }
 
 impl Server {
-    pub fn spawn(cfg: DnsConfig, policy: Arc<dyn Policy>) -> io::Result<Server> {
+    pub fn spawn(mut cfg: DnsConfig, policy: Arc<dyn Policy>) -> io::Result<Server> {
+        cfg.domain = policy::normalize(cfg.domain.trim_start_matches('.'));
         let mut udp = Vec::new();
         let mut tcp = Vec::new();
         for addr in &cfg.listen {
             udp.push(Arc::new(UdpSocket::bind(addr)?));
             tcp.push(Arc::new(TcpListener::bind(addr)?));
         }
+        let upstream = Upstream::new(cfg.upstream.clone(), cfg.timeout)?;
         let shared = Arc::new(Shared {
+            upstream,
             cache: Mutex::new(Cache::new(cfg.cache)),
             queries: Permits::new(cfg.limits.in_flight, cfg.limits.per_client),
             tcp_conns: Permits::new(cfg.limits.tcp_connections, cfg.limits.tcp_per_client),
@@ -90,7 +83,6 @@ impl Server {
             stats: Counters::default(),
             stopping: AtomicBool::new(false),
             workers: (Mutex::new(0), Condvar::new()),
-            random: Mutex::new(File::open("/dev/urandom")?),
         });
         let mut threads = Vec::new();
         for sock in &udp {
@@ -350,7 +342,7 @@ fn finish(shared: &Shared, p: Pending) -> Vec<u8> {
         },
         None => {
             bump(&shared.stats.forwarded);
-            let Some((mut bytes, m)) = forward(shared, &p.query) else {
+            let Some((mut bytes, m)) = shared.upstream.forward(&p.query, &shared.stopping) else {
                 bump(&shared.stats.servfail);
                 return codec::build_reply(&p.query, &p.msg, Rcode::ServFail, &[]);
             };
@@ -486,7 +478,7 @@ fn serve_tcp_conn(shared: &Shared, mut stream: TcpStream, src: IpAddr) {
     let idle = shared.cfg.limits.tcp_idle;
     loop {
         let deadline = Instant::now() + idle;
-        let Some(query) = read_framed(shared, &mut stream, deadline) else {
+        let Some(query) = read_framed(&shared.stopping, &mut stream, deadline) else {
             return;
         };
         let reply = match prepare(shared, &query, src) {
@@ -506,239 +498,9 @@ fn serve_tcp_conn(shared: &Shared, mut stream: TcpStream, src: IpAddr) {
     }
 }
 
-/// Reads one length-prefixed message, waiting in slices; `None` on EOF,
-/// error, deadline or stop.
-fn read_framed(shared: &Shared, stream: &mut TcpStream, deadline: Instant) -> Option<Vec<u8>> {
-    let mut len = [0u8; 2];
-    read_exact_until(shared, stream, &mut len, deadline)?;
-    let mut msg = vec![0u8; usize::from(u16::from_be_bytes(len))];
-    read_exact_until(shared, stream, &mut msg, deadline)?;
-    Some(msg)
-}
-
-fn read_exact_until(
-    shared: &Shared,
-    stream: &mut TcpStream,
-    buf: &mut [u8],
-    deadline: Instant,
-) -> Option<()> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        let left = deadline
-            .checked_duration_since(Instant::now())
-            .filter(|d| !d.is_zero())?;
-        if shared.stopping.load(Ordering::SeqCst) {
-            return None;
-        }
-        stream.set_read_timeout(Some(left.min(SLICE))).ok()?;
-        match stream.read(&mut buf[filled..]) {
-            Ok(0) => return None,
-            Ok(n) => filled += n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
-                ) => {}
-            Err(_) => return None,
-        }
-    }
-    Some(())
-}
-
-/// Asks the upstreams in turn within the configured budget; the reply
-/// (with the forwarded id) and its parse, or `None` when none answered.
-fn forward(shared: &Shared, query: &[u8]) -> Option<(Vec<u8>, Message)> {
-    let ups = &shared.cfg.upstream;
-    if ups.is_empty() {
-        return None;
-    }
-    let start = Instant::now();
-    let deadline = start + shared.cfg.timeout;
-    // At least two tries, so one lost datagram does not cost the answer.
-    let tries = ups.len().max(2);
-    let per_try = shared.cfg.timeout / tries as u32;
-    for i in 0..tries {
-        let up = ups[i % ups.len()];
-        let until = deadline.min(Instant::now() + per_try);
-        let id = random_id(shared);
-        let mut out = query.to_vec();
-        codec::set_id(&mut out, id);
-        match exchange_udp(shared, &out, up, until) {
-            Ok(Some(got)) if got.1.header.truncated() => {
-                if let Ok(Some(full)) = exchange_tcp(shared, &out, up, deadline) {
-                    return Some(full);
-                }
-                return Some(got);
-            }
-            Ok(Some(got)) => return Some(got),
-            Ok(None) => {}
-            Err(e) => crate::debug!("dns: upstream {up}: {e}"),
-        }
-        if shared.stopping.load(Ordering::SeqCst) || Instant::now() >= deadline {
-            break;
-        }
-    }
-    None
-}
-
-fn random_id(shared: &Shared) -> u16 {
-    let mut b = [0u8; 2];
-    let mut f = shared.random.lock().unwrap_or_else(|e| e.into_inner());
-    if f.read_exact(&mut b).is_err() {
-        // /dev/urandom does not fail once open; if it did, fall back to
-        // the clock's low bits rather than a fixed id.
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
-        return now.map_or(0, |d| d.subsec_nanos() as u16);
-    }
-    u16::from_be_bytes(b)
-}
-
-/// Whether `reply` answers `query`: same id, QR set, same question (RFC 5452 §9.1).
-pub fn matches(query: &Message, reply: &Message) -> bool {
-    let same_q = |a: &codec::Question, b: &codec::Question| {
-        a.name.eq_ignore_ascii_case(&b.name) && a.qtype == b.qtype && a.qclass == b.qclass
-    };
-    reply.header.is_response()
-        && reply.header.id == query.header.id
-        && reply.questions.len() == query.questions.len()
-        && query
-            .questions
-            .iter()
-            .zip(&reply.questions)
-            .all(|(a, b)| same_q(a, b))
-}
-
-fn unspecified(like: SocketAddr) -> SocketAddr {
-    match like {
-        SocketAddr::V4(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
-        SocketAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
-    }
-}
-
-fn exchange_udp(
-    shared: &Shared,
-    query: &[u8],
-    up: SocketAddr,
-    until: Instant,
-) -> io::Result<Option<(Vec<u8>, Message)>> {
-    let q = Message::parse(query).map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))?;
-    let sock = UdpSocket::bind(unspecified(up))?;
-    sock.connect(up)?;
-    sock.send(query)?;
-    let mut buf = vec![0u8; MAX_UDP];
-    while let Some(left) = until
-        .checked_duration_since(Instant::now())
-        .filter(|d| !d.is_zero())
-    {
-        if shared.stopping.load(Ordering::SeqCst) {
-            break;
-        }
-        sock.set_read_timeout(Some(left.min(SLICE)))?;
-        match sock.recv(&mut buf) {
-            Ok(n) => {
-                let reply = &buf[..n];
-                if let Ok(m) = Message::parse(reply) {
-                    if matches(&q, &m) {
-                        return Ok(Some((reply.to_vec(), m)));
-                    }
-                }
-                crate::debug!("dns: upstream {up}: ignored a reply that does not match");
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
-                ) => {}
-            // ICMP port unreachable from the upstream: try the next one.
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(None)
-}
-
-fn exchange_tcp(
-    shared: &Shared,
-    query: &[u8],
-    up: SocketAddr,
-    deadline: Instant,
-) -> io::Result<Option<(Vec<u8>, Message)>> {
-    let q = Message::parse(query).map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))?;
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return Ok(None);
-    }
-    let mut stream = TcpStream::connect_timeout(&up, left)?;
-    let len = u16::try_from(query.len()).map_err(|_| io::Error::from(ErrorKind::InvalidInput))?;
-    let mut framed = len.to_be_bytes().to_vec();
-    framed.extend_from_slice(query);
-    stream.set_write_timeout(Some(left))?;
-    stream.write_all(&framed)?;
-    let Some(reply) = read_framed(shared, &mut stream, deadline) else {
-        return Ok(None);
-    };
-    Ok(Message::parse(&reply)
-        .ok()
-        .filter(|m| matches(&q, m))
-        .map(|m| (reply, m)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::net::dns::codec::{Header, Question, CLASS_IN, FLAG_QR, TYPE_A, TYPE_AAAA};
-
-    fn msg(id: u16, flags: u16, name: &str, qtype: u16) -> Message {
-        Message {
-            header: Header {
-                id,
-                flags,
-                qdcount: 1,
-                ..Header::default()
-            },
-            questions: vec![Question {
-                name: name.into(),
-                qtype,
-                qclass: CLASS_IN,
-            }],
-            ..Message::default()
-        }
-    }
-
-    #[test]
-    fn reply_with_same_id_and_question_matches_in_any_case() {
-        assert!(matches(
-            &msg(7, 0, "a.test", TYPE_A),
-            &msg(7, FLAG_QR, "A.TEST", TYPE_A)
-        ));
-    }
-
-    #[test]
-    fn reply_with_other_id_does_not_match() {
-        assert!(!matches(
-            &msg(7, 0, "a.test", TYPE_A),
-            &msg(8, FLAG_QR, "a.test", TYPE_A)
-        ));
-    }
-
-    #[test]
-    fn reply_to_another_question_does_not_match() {
-        assert!(!matches(
-            &msg(7, 0, "a.test", TYPE_A),
-            &msg(7, FLAG_QR, "b.test", TYPE_A)
-        ));
-        assert!(!matches(
-            &msg(7, 0, "a.test", TYPE_A),
-            &msg(7, FLAG_QR, "a.test", TYPE_AAAA)
-        ));
-    }
-
-    #[test]
-    fn a_query_is_not_a_reply() {
-        assert!(!matches(
-            &msg(7, 0, "a.test", TYPE_A),
-            &msg(7, 0, "a.test", TYPE_A)
-        ));
-    }
 
     #[test]
     fn per_client_cap_leaves_room_for_others() {
