@@ -337,6 +337,7 @@ fn allowlist_client_gets_allowed_names_reported_first_and_nxdomain_for_others() 
     let seen: Vec<Resolved> = lab.policy.allowed.lock().unwrap().clone();
     let (ok_cdn, out_cdn) = lab.nslookup("cdn.allowed.test");
     let (ok_other, out_other) = lab.nslookup("other.test");
+    let (ok_again, _) = lab.nslookup("allowed.test");
     assert!(ok && out.contains("198.51.100.10"), "{out}");
     let first = seen
         .iter()
@@ -363,6 +364,19 @@ fn allowlist_client_gets_allowed_names_reported_first_and_nxdomain_for_others() 
         .unwrap()
         .iter()
         .any(|r| r.addr == ip("198.51.100.11")));
+    // A cache hit is reported again, so the nft element is refreshed.
+    let reports = lab
+        .policy
+        .allowed
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.addr == ip("198.51.100.10"))
+        .count();
+    assert!(
+        ok_again && reports == 2 && lab.server().stats().cached >= 1,
+        "{reports}"
+    );
 }
 
 #[test]
