@@ -1,0 +1,1 @@
+//! Host readiness for the sandbox network.
