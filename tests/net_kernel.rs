@@ -125,3 +125,377 @@ fn overlapping_route_is_reported_with_its_device() {
     .unwrap();
     assert_eq!(narrower, vec!["10.0.0.0/8 via 192.168.9.254 dev nfdum2"]);
 }
+
+// ---- nftables policy, with veths standing in for TAPs ----
+
+use agentlab::config::{AllowRule, NetworkMode};
+use agentlab::net::nft::{
+    self, AllowNet, Exposure, Nft, NftCli, Plan, Proto, SandboxNet, Services,
+};
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+const UPSTREAM: &str = "198.51.100.10";
+const UPSTREAM_OTHER: &str = "198.51.100.20";
+const INTRANET: &str = "10.99.0.5";
+
+/// The whole topology of the module comment; `t` keeps concurrent tests'
+/// namespace names apart.
+struct Lab {
+    host: Netns,
+    up: Netns,
+    intra: Netns,
+    a: Netns,
+    b: Netns,
+    www: PathBuf,
+}
+
+impl Lab {
+    fn new(t: &str) -> Lab {
+        let www = std::env::temp_dir().join(format!("nf-www-{t}-{}", std::process::id()));
+        std::fs::create_dir_all(&www).unwrap();
+        std::fs::write(www.join("index.html"), "hello\n").unwrap();
+        let lab = Lab {
+            host: Netns::new(&format!("nfh{t}")),
+            up: Netns::new(&format!("nfu{t}")),
+            intra: Netns::new(&format!("nfi{t}")),
+            a: Netns::new(&format!("nfa{t}")),
+            b: Netns::new(&format!("nfb{t}")),
+            www,
+        };
+        let gw = "10.77.0.1/16".parse().unwrap();
+        inside(&lab.host, || link::ensure_bridge("nfbr0", gw)).unwrap();
+        inside(&lab.host, || link::set_ipv4_forwarding(true)).unwrap();
+        lab.host.veth("nfup", &lab.up, "nfupp");
+        lab.host
+            .sh("ip addr add 203.0.113.1/24 dev nfup && ip route add default via 203.0.113.2");
+        // No route back to 10.77.0.0/16 upstream: sandbox traffic only
+        // returns if it was masqueraded.
+        lab.up.sh(&format!(
+            "ip addr add 203.0.113.2/24 dev nfupp && ip addr add {UPSTREAM}/32 dev lo && \
+             ip addr add {UPSTREAM_OTHER}/32 dev lo"
+        ));
+        lab.host.veth("nfin", &lab.intra, "nfinp");
+        lab.host.sh("ip addr add 10.99.0.1/24 dev nfin");
+        lab.intra.sh(&format!(
+            "ip addr add {INTRANET}/24 dev nfinp && ip route add default via 10.99.0.1"
+        ));
+        lab.sandbox(&lab.a, "nfa0", 11);
+        lab.sandbox(&lab.b, "nfb0", 12);
+        lab.serve(&lab.up, "80");
+        lab.serve(&lab.intra, "80");
+        lab.serve(&lab.host, "10.77.0.1:2222");
+        lab.serve(&lab.a, "8080");
+        lab.serve(&lab.b, "80");
+        lab
+    }
+
+    /// A veth standing in for sandbox `vmid`'s TAP, attached like one.
+    fn sandbox(&self, ns: &Netns, port: &str, vmid: u8) {
+        self.host.veth(port, ns, "eth0");
+        inside(&self.host, || link::attach_port(port, "nfbr0")).unwrap();
+        ns.sh(&format!(
+            "ip link set eth0 address 52:54:00:00:00:{vmid:02x} && \
+             ip addr add 10.77.0.{vmid}/16 dev eth0 && ip route add default via 10.77.0.1"
+        ));
+    }
+
+    fn serve(&self, ns: &Netns, listen: &str) {
+        ns.sh(&format!(
+            "busybox httpd -p {listen} -h {}",
+            self.www.display()
+        ));
+    }
+
+    fn apply(&self, script: &str) {
+        inside(&self.host, || NftCli::default().apply(script))
+            .unwrap_or_else(|e| panic!("{e}\n{script}"));
+    }
+
+    fn listing(&self) -> String {
+        inside(&self.host, || NftCli::default().list_json()).unwrap()
+    }
+
+    fn plan(&self, sandboxes: Vec<SandboxNet>) -> Plan {
+        Plan {
+            bridge: "nfbr0".into(),
+            gateway: Ipv4Addr::new(10, 77, 0, 1),
+            subnet: "10.77.0.0/16".parse().unwrap(),
+            services: Services::default(),
+            sandboxes,
+            exposures: vec![],
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.www);
+    }
+}
+
+fn sandbox_net(vmid: u8, tap: &str, mode: NetworkMode) -> SandboxNet {
+    SandboxNet {
+        vmid: u32::from(vmid),
+        tap: tap.into(),
+        mac: [0x52, 0x54, 0, 0, 0, vmid],
+        ip: Ipv4Addr::new(10, 77, 0, vmid),
+        mode,
+        allow: vec![],
+        see_sandboxes: false,
+    }
+}
+
+/// Does an HTTP GET of `url` from `ns` succeed? (`timeout`, because this
+/// busybox's `wget -T` segfaults.)
+fn fetches(ns: &Netns, url: &str) -> bool {
+    fetches_each(ns, &[url]) == [true]
+}
+
+/// [`fetches`] for several URLs at once, so that the dropped ones time out
+/// together.
+fn fetches_each(ns: &Netns, urls: &[&str]) -> Vec<bool> {
+    let children: Vec<_> = urls
+        .iter()
+        .map(|u| {
+            ns.command(
+                "timeout",
+                &["3", "busybox", "wget", "-q", "-O", "/dev/null", u],
+            )
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|mut c| c.wait().unwrap().success())
+        .collect()
+}
+
+#[test]
+fn nat_reaches_upstream_but_not_private_ranges_or_host_ports() {
+    let lab = Lab::new("n");
+    lab.apply(&nft::render_table(&lab.plan(vec![sandbox_net(
+        11,
+        "nfa0",
+        NetworkMode::Nat,
+    )])));
+    assert!(
+        fetches(&lab.host, &format!("http://{INTRANET}/")),
+        "the intranet is up"
+    );
+    let reached = fetches_each(
+        &lab.a,
+        &[
+            &format!("http://{UPSTREAM}/"),
+            &format!("http://{INTRANET}/"),
+            "http://10.77.0.1:2222/",
+            "http://203.0.113.1:2222/",
+        ],
+    );
+    assert_eq!(reached, [true, false, false, false]);
+    let c = nft::counters(&lab.listing());
+    assert!(c[&11].dropped_packets >= 3, "{c:?}");
+}
+
+#[test]
+fn allowlist_reaches_listed_networks_and_resolved_addresses_only() {
+    let lab = Lab::new("l");
+    let rules = [AllowRule::parse(&format!("{UPSTREAM}/32:80")).unwrap()];
+    let sb = SandboxNet {
+        allow: AllowNet::from_rules(&rules),
+        ..sandbox_net(11, "nfa0", NetworkMode::Allowlist)
+    };
+    lab.apply(&nft::render_table(&lab.plan(vec![sb])));
+    let before = fetches_each(
+        &lab.a,
+        &[
+            &format!("http://{UPSTREAM}/"),
+            &format!("http://{UPSTREAM_OTHER}/"),
+            &format!("http://{INTRANET}/"),
+        ],
+    );
+    assert_eq!(before, [true, false, false]);
+    let other: IpAddr = UPSTREAM_OTHER.parse().unwrap();
+    lab.apply(&nft::render_allow_resolved(
+        11,
+        other,
+        Some(80),
+        Duration::from_secs(60),
+    ));
+    assert!(fetches(&lab.a, &format!("http://{UPSTREAM_OTHER}/")));
+    // Refreshing an element that is already there must not fail.
+    lab.apply(&nft::render_allow_resolved(
+        11,
+        other,
+        Some(80),
+        Duration::from_secs(60),
+    ));
+    assert!(!fetches(&lab.a, &format!("http://{INTRANET}/")));
+}
+
+#[test]
+fn off_sandbox_with_a_port_reaches_nothing() {
+    let lab = Lab::new("o");
+    lab.apply(&nft::render_table(&lab.plan(vec![sandbox_net(
+        11,
+        "nfa0",
+        NetworkMode::Off,
+    )])));
+    let reached = fetches_each(
+        &lab.a,
+        &[
+            &format!("http://{UPSTREAM}/"),
+            &format!("http://{INTRANET}/"),
+            "http://10.77.0.1:2222/",
+        ],
+    );
+    assert_eq!(reached, [false, false, false]);
+    assert!(nft::counters(&lab.listing())[&11].dropped_packets > 0);
+}
+
+#[test]
+fn sandboxes_cannot_reach_each_other() {
+    let lab = Lab::new("i");
+    let sandboxes = vec![
+        sandbox_net(11, "nfa0", NetworkMode::Nat),
+        sandbox_net(12, "nfb0", NetworkMode::Nat),
+    ];
+    lab.apply(&nft::render_table(&lab.plan(sandboxes)));
+    assert!(
+        fetches(&lab.host, "http://10.77.0.12/"),
+        "B serves the host"
+    );
+    assert!(
+        fetches(&lab.b, &format!("http://{UPSTREAM}/")),
+        "B is online"
+    );
+    assert!(!fetches(&lab.a, "http://10.77.0.12/"));
+}
+
+#[test]
+fn spoofed_source_address_or_mac_is_dropped_and_counted() {
+    let lab = Lab::new("s");
+    lab.apply(&nft::render_table(&lab.plan(vec![sandbox_net(
+        11,
+        "nfa0",
+        NetworkMode::Nat,
+    )])));
+    let url = format!("http://{UPSTREAM}/");
+    assert!(fetches(&lab.a, &url));
+    lab.a.sh("ip addr flush dev eth0 && ip addr add 10.77.0.99/16 dev eth0 && ip route add default via 10.77.0.1");
+    assert!(!fetches(&lab.a, &url), "foreign IPv4 source");
+    lab.a.sh(
+        "ip addr flush dev eth0 && ip addr add 10.77.0.11/16 dev eth0 && ip route add default via 10.77.0.1 && \
+         ip link set eth0 address 52:54:00:00:00:99",
+    );
+    assert!(!fetches(&lab.a, &url), "foreign MAC");
+    assert!(nft::counters(&lab.listing())[&11].spoofed_packets > 0);
+}
+
+#[test]
+fn exposure_forwards_a_host_port_until_removed() {
+    let lab = Lab::new("e");
+    lab.apply(&nft::render_table(&lab.plan(vec![sandbox_net(
+        11,
+        "nfa0",
+        NetworkMode::Off,
+    )])));
+    let e = Exposure {
+        name: "sbx-11-8080".into(),
+        vmid: 11,
+        guest_ip: Ipv4Addr::new(10, 77, 0, 11),
+        guest_port: 8080,
+        host_port: 18080,
+        bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        proto: Proto::Tcp,
+    };
+    lab.apply(&nft::render_add_exposure(&e).unwrap());
+    let local = ["http://127.0.0.1:18080/", "http://10.77.0.1:18080/"];
+    assert_eq!(fetches_each(&lab.host, &local), [true, true]);
+    assert!(fetches(&lab.up, "http://203.0.113.1:18080/"));
+    lab.apply(&nft::render_remove_exposure(&e).unwrap());
+    assert_eq!(fetches_each(&lab.host, &local), [false, false]);
+    assert!(!fetches(&lab.up, "http://203.0.113.1:18080/"));
+}
+
+#[test]
+fn removed_sandbox_leaves_no_trace_and_others_keep_working() {
+    let lab = Lab::new("r");
+    lab.apply(&nft::render_table(&lab.plan(vec![])));
+    lab.apply(&nft::render_add_sandbox(&sandbox_net(
+        11,
+        "nfa0",
+        NetworkMode::Nat,
+    )));
+    lab.apply(&nft::render_add_sandbox(&sandbox_net(
+        12,
+        "nfb0",
+        NetworkMode::Nat,
+    )));
+    let url = format!("http://{UPSTREAM}/");
+    assert!(fetches(&lab.a, &url));
+    assert_eq!(nft::sandboxes_in_table(&lab.listing()), vec![11, 12]);
+    lab.apply(&nft::render_remove_sandbox(11, &lab.listing()));
+    let text = lab
+        .host
+        .sh("nft list table inet agentlab; nft list table bridge agentlab");
+    assert!(
+        !text.contains("_11") && !text.contains("10.77.0.11") && !text.contains("nfa0"),
+        "{text}"
+    );
+    assert_eq!(nft::sandboxes_in_table(&lab.listing()), vec![12]);
+    assert!(!fetches(&lab.a, &url));
+    assert!(fetches(&lab.b, &url));
+}
+
+#[test]
+fn every_rendered_script_passes_the_kernel_check() {
+    let host = Netns::new("nfc");
+    let check = NftCli { check_only: true };
+    let mut plan = Plan {
+        bridge: "nfbr0".into(),
+        gateway: Ipv4Addr::new(10, 77, 0, 1),
+        subnet: "10.77.0.0/16".parse().unwrap(),
+        services: Services::default(),
+        sandboxes: vec![sandbox_net(11, "nfa0", NetworkMode::Nat)],
+        exposures: vec![],
+    };
+    inside(&host, || NftCli::default().apply(&nft::render_table(&plan))).unwrap();
+    let allowlisted = SandboxNet {
+        allow: AllowNet::from_rules(&[AllowRule::parse("192.0.2.0/24:443").unwrap()]),
+        see_sandboxes: true,
+        ..sandbox_net(12, "nfb0", NetworkMode::Allowlist)
+    };
+    let e = Exposure {
+        name: "x".into(),
+        vmid: 11,
+        guest_ip: Ipv4Addr::new(10, 77, 0, 11),
+        guest_port: 53,
+        host_port: 5353,
+        bind: "127.0.0.1".parse().unwrap(),
+        proto: Proto::Udp,
+    };
+    plan.sandboxes.push(allowlisted.clone());
+    plan.exposures.push(e.clone());
+    let scripts = [
+        nft::render_table(&plan),
+        nft::render_add_sandbox(&allowlisted),
+        nft::render_add_sandbox(&sandbox_net(13, "nfc0", NetworkMode::Off)),
+        nft::render_add_exposure(&e).unwrap(),
+        nft::render_remove_sandbox(
+            11,
+            &inside(&host, || NftCli::default().list_json()).unwrap(),
+        ),
+    ];
+    for s in &scripts {
+        inside(&host, || check.apply(s)).unwrap_or_else(|e| panic!("{e}\n{s}"));
+    }
+    let bad = inside(&host, || {
+        check.apply("add rule inet agentlab nosuchchain accept")
+    })
+    .unwrap_err();
+    assert!(bad.to_string().contains("nosuchchain"), "{bad}");
+}
