@@ -499,3 +499,31 @@ fn every_rendered_script_passes_the_kernel_check() {
     .unwrap_err();
     assert!(bad.to_string().contains("nosuchchain"), "{bad}");
 }
+
+#[test]
+fn check_finds_a_foreign_forward_drop_and_the_missing_bridge() {
+    use agentlab::net::check::{check, CheckInput, Level};
+    let host = Netns::new("nfk");
+    host.sh("nft add table ip filter && \
+         nft 'add chain ip filter FORWARD { type filter hook forward priority 0; policy drop; }'");
+    let cfg = CheckInput {
+        bridge: "nfbr0".into(),
+        gateway: Ipv4Addr::new(10, 77, 0, 1),
+        subnet: "10.77.0.0/16".parse().unwrap(),
+    };
+    let findings = inside(&host, || check(&cfg));
+    let drop = findings
+        .iter()
+        .find(|f| f.what.contains("chain FORWARD"))
+        .unwrap();
+    assert_eq!(drop.level, Level::Error);
+    let bridge = findings.iter().find(|f| f.what.contains("nfbr0")).unwrap();
+    assert_eq!(bridge.level, Level::Warn);
+    inside(&host, || {
+        link::ensure_bridge("nfbr0", "10.77.0.1/16".parse().unwrap())
+    })
+    .unwrap();
+    let findings = inside(&host, || check(&cfg));
+    let bridge = findings.iter().find(|f| f.what.contains("nfbr0")).unwrap();
+    assert_eq!(bridge.level, Level::Ok);
+}
