@@ -73,7 +73,7 @@ impl Probe {
                 .map_err(|e| e.to_string()),
             route_conflicts: link::route_conflicts(cfg.subnet, &cfg.bridge).map_err(chain),
             bridge_present: link::links_with_prefix(&cfg.bridge)
-                .map(|names| names.iter().any(|n| *n == cfg.bridge))
+                .map(|names| names.contains(&cfg.bridge))
                 .map_err(chain),
         }
     }

@@ -208,7 +208,11 @@ pub fn replies(mut buf: &[u8]) -> Result<Vec<Reply<'_>>, ParseError> {
             NLMSG_DONE => Reply::Done { seq },
             NLMSG_ERROR => match i32_at(body, 0)? {
                 0 => Reply::Ack { seq },
-                e => Reply::Error { seq, errno: -e },
+                // i32::MIN has no negation; no real errno is near it.
+                e => Reply::Error {
+                    seq,
+                    errno: e.saturating_neg(),
+                },
             },
             _ => Reply::Message { kind, seq, body },
         });
@@ -498,6 +502,21 @@ mod tests {
         assert_eq!(attrs(&[9, 0, 1, 0, 0]), Err(ParseError::Truncated));
         assert_eq!(parse_link(&[0; 3]), Err(ParseError::Truncated));
         assert_eq!(parse_route(&[0; 11]), Err(ParseError::Truncated));
+    }
+
+    #[test]
+    fn error_code_of_i32_min_does_not_overflow() {
+        let mut msg = Request::new(NLMSG_ERROR, 0).finish(3);
+        msg.extend_from_slice(&i32::MIN.to_ne_bytes());
+        let len = msg.len() as u32;
+        msg[0..4].copy_from_slice(&len.to_ne_bytes());
+        assert_eq!(
+            replies(&msg).unwrap(),
+            vec![Reply::Error {
+                seq: 3,
+                errno: i32::MAX
+            }]
+        );
     }
 
     #[test]
