@@ -1,5 +1,6 @@
 //! The only room with `unsafe`: process inspection and control, pidfds,
-//! KVM probing, and, used in the guest, the online-resize ioctl (`ext4`) and
+//! KVM probing, the route netlink socket and TAP devices (`netlink`, `tap`),
+//! and, used in the guest, the online-resize ioctl (`ext4`) and
 //! pseudo-terminals with the between-fork-and-exec setup of the agent's
 //! children (`pty`); in the daemon, the DHCP server's interface-bound UDP
 //! and raw Ethernet sockets (`packet`).
@@ -9,9 +10,11 @@
 
 pub mod ext4;
 pub mod kvm;
+pub mod netlink;
 pub mod netns;
 pub mod packet;
 pub mod process;
 pub mod pty;
+pub mod tap;
 pub mod tty;
 pub mod users;
