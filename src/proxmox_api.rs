@@ -249,6 +249,17 @@ impl Client {
         }
     }
 
+    /// One call, never retried (for reads that change state, such as the
+    /// guest agent's exec-status, which forgets a process once it reported).
+    pub fn call_no_retry(
+        &self,
+        method: Method,
+        path: &str,
+        form: &Form,
+    ) -> Result<Value, ApiError> {
+        self.call_once(method, path, form)
+    }
+
     fn call_once(&self, method: Method, path: &str, form: &Form) -> Result<Value, ApiError> {
         let mut url = format!("{}{}", self.base, path);
         let body = match method {
@@ -372,14 +383,22 @@ impl Client {
     /// are success; a failure carries the end of the task log. A `400 no
     /// such task` right after the start is PVE catching up, so it is retried.
     pub fn wait_task(&self, upid: &Upid, timeout: Duration) -> Result<TaskDone, ApiError> {
-        let path = format!("/nodes/{}/tasks/{}/status", seg(&upid.node), seg(upid.as_str()));
+        let path = format!(
+            "/nodes/{}/tasks/{}/status",
+            seg(&upid.node),
+            seg(upid.as_str())
+        );
         let deadline = Instant::now() + timeout;
         let mut unknown = 0;
         loop {
             match self.get::<TaskStatus>(&path, &Form::new()) {
                 Ok(st) if st.status != "running" => return self.task_outcome(upid, st),
                 Ok(_) => {}
-                Err(e) if e.code() == Some(400) && e.message().contains("no such task") && unknown < 10 => {
+                Err(e)
+                    if e.code() == Some(400)
+                        && e.message().contains("no such task")
+                        && unknown < 10 =>
+                {
                     unknown += 1;
                 }
                 Err(e) => return Err(e),
@@ -418,7 +437,11 @@ impl Client {
 
     /// The last `n` lines of a task's log (best effort).
     pub fn task_log_tail(&self, upid: &Upid, n: usize) -> Vec<String> {
-        let path = format!("/nodes/{}/tasks/{}/log", seg(&upid.node), seg(upid.as_str()));
+        let path = format!(
+            "/nodes/{}/tasks/{}/log",
+            seg(&upid.node),
+            seg(upid.as_str())
+        );
         let form = Form::new().int("start", 0).int("limit", 1000);
         let lines: Vec<LogLine> = self.get(&path, &form).unwrap_or_default();
         let mut text: Vec<String> = lines.into_iter().filter_map(|l| l.t).collect();
@@ -538,7 +561,10 @@ mod tests {
             endpoint: "/nodes/pve1/qemu/9000/clone".into(),
             code: 400,
             message: "Parameter verification failed.".into(),
-            errors: vec![("name".into(), "value does not look like a valid DNS name".into())],
+            errors: vec![(
+                "name".into(),
+                "value does not look like a valid DNS name".into(),
+            )],
         };
 
         assert_eq!(
@@ -550,7 +576,10 @@ mod tests {
 
     #[test]
     fn upid_path_segment_keeps_colons_and_token_marks() {
-        assert_eq!(seg("UPID:pve1:0:0:0:qmstart:100:a@pam!t:"), "UPID:pve1:0:0:0:qmstart:100:a@pam!t:");
+        assert_eq!(
+            seg("UPID:pve1:0:0:0:qmstart:100:a@pam!t:"),
+            "UPID:pve1:0:0:0:qmstart:100:a@pam!t:"
+        );
         assert_eq!(seg("a b/c"), "a%20b%2Fc");
     }
 }

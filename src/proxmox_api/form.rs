@@ -86,16 +86,14 @@ pub fn percent_decode(s: &str, plus_is_space: bool) -> String {
     while i < b.len() {
         let hex = |c: u8| (c as char).to_digit(16);
         match b[i] {
-            b'%' if i + 2 < b.len() => {
-                match (hex(b[i + 1]), hex(b[i + 2])) {
-                    (Some(h), Some(l)) => {
-                        out.push((h * 16 + l) as u8);
-                        i += 3;
-                        continue;
-                    }
-                    _ => out.push(b'%'),
+            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
                 }
-            }
+                _ => out.push(b'%'),
+            },
             b'+' if plus_is_space => out.push(b' '),
             c => out.push(c),
         }
@@ -132,12 +130,18 @@ mod tests {
 
         let f = Form::new().array("command", &argv);
 
-        assert_eq!(f.encode(), "command=%2Fbin%2Fsh&command=-c&command=echo%20hi");
+        assert_eq!(
+            f.encode(),
+            "command=%2Fbin%2Fsh&command=-c&command=echo%20hi"
+        );
     }
 
     #[test]
     fn sshkeys_are_encoded_twice_on_the_wire() {
-        let keys = vec!["ssh-ed25519 AAAA+b/c= me@host".to_string(), "ssh-rsa X".into()];
+        let keys = vec![
+            "ssh-ed25519 AAAA+b/c= me@host".to_string(),
+            "ssh-rsa X".into(),
+        ];
 
         let f = Form::new().sshkeys(&keys);
 

@@ -90,20 +90,37 @@ mod tests {
         let b: T = serde_json::from_value(json!({"n": 100, "b": 1, "o": "7"})).unwrap();
 
         assert_eq!(a, b);
-        assert_eq!(a, T { n: 100, b: true, o: Some(7) });
+        assert_eq!(
+            a,
+            T {
+                n: 100,
+                b: true,
+                o: Some(7)
+            }
+        );
     }
 
     #[test]
     fn absent_optional_fields_and_extra_fields_are_fine() {
         let t: T = serde_json::from_value(json!({"n": 1, "surprise": [1, 2]})).unwrap();
 
-        assert_eq!(t, T { n: 1, b: false, o: None });
+        assert_eq!(
+            t,
+            T {
+                n: 1,
+                b: false,
+                o: None
+            }
+        );
     }
 
     #[test]
     fn non_numeric_string_is_an_error() {
         let e = serde_json::from_value::<T>(json!({"n": "abc"})).unwrap_err();
 
-        assert!(e.to_string().contains("expected an integer, got \"abc\""), "{e}");
+        assert!(
+            e.to_string().contains("expected an integer, got \"abc\""),
+            "{e}"
+        );
     }
 }

@@ -157,7 +157,11 @@ impl ServerCertVerifier for Leaf {
 /// Connects to `host:port`, completes a TLS handshake trusting anything,
 /// and returns the SHA-256 fingerprint of the certificate the server showed
 /// (for `agentlab proxmox fingerprint`; the user compares it out of band).
-pub fn fetch_fingerprint(host: &str, port: u16, timeout: Duration) -> Result<Sha256Fingerprint, String> {
+pub fn fetch_fingerprint(
+    host: &str,
+    port: u16,
+    timeout: Duration,
+) -> Result<Sha256Fingerprint, String> {
     let p = provider();
     let leaf = Arc::new(Leaf {
         pin: None,

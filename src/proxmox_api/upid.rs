@@ -21,7 +21,9 @@ pub struct Upid {
 impl Upid {
     pub fn parse(s: &str) -> Result<Upid, String> {
         let bad = |why: &str| format!("{s:?} is not a PVE task ID ({why})");
-        let rest = s.strip_prefix("UPID:").ok_or_else(|| bad("no UPID: prefix"))?;
+        let rest = s
+            .strip_prefix("UPID:")
+            .ok_or_else(|| bad("no UPID: prefix"))?;
         let f: Vec<&str> = rest.split(':').collect();
         // node, pid, pstart, starttime, type, id, user, "" (trailing colon).
         if f.len() != 8 || !f[7].is_empty() {
@@ -71,7 +73,10 @@ impl ExitStatus {
         if s == "OK" {
             return ExitStatus::Ok;
         }
-        match s.strip_prefix("WARNINGS: ").map(|n| n.trim().parse::<u32>()) {
+        match s
+            .strip_prefix("WARNINGS: ")
+            .map(|n| n.trim().parse::<u32>())
+        {
             Some(Ok(n)) => ExitStatus::Warnings(n),
             _ => ExitStatus::Error(s.to_string()),
         }
@@ -89,7 +94,13 @@ mod tests {
         let u = Upid::parse(CLONE).unwrap();
 
         assert_eq!(
-            (u.node.as_str(), u.pid, u.kind.as_str(), u.id.as_str(), u.user.as_str()),
+            (
+                u.node.as_str(),
+                u.pid,
+                u.kind.as_str(),
+                u.id.as_str(),
+                u.user.as_str()
+            ),
             ("pve1", 0x1A2B, "qmclone", "9000", "root@pam!agentlab")
         );
         assert_eq!(u.to_string(), CLONE);
