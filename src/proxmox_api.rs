@@ -104,6 +104,15 @@ impl ApiError {
         }
     }
 
+    /// Whether the message or a parameter's reason contains `text`.
+    pub fn mentions(&self, text: &str) -> bool {
+        let in_errors = match self {
+            ApiError::Status { errors, .. } => errors.iter().any(|(_, v)| v.contains(text)),
+            _ => false,
+        };
+        in_errors || self.message().contains(text)
+    }
+
     pub fn code(&self) -> Option<u16> {
         match self {
             ApiError::Status { code, .. } => Some(*code),
@@ -394,11 +403,7 @@ impl Client {
             match self.get::<TaskStatus>(&path, &Form::new()) {
                 Ok(st) if st.status != "running" => return self.task_outcome(upid, st),
                 Ok(_) => {}
-                Err(e)
-                    if e.code() == Some(400)
-                        && e.message().contains("no such task")
-                        && unknown < 10 =>
-                {
+                Err(e) if e.code() == Some(400) && e.mentions("no such task") && unknown < 10 => {
                     unknown += 1;
                 }
                 Err(e) => return Err(e),
