@@ -84,7 +84,7 @@ impl Drop for FakePve {
     }
 }
 
-fn busybox_root(dir: &PathBuf) -> PathBuf {
+fn busybox_root(dir: &std::path::Path) -> PathBuf {
     let root = dir.to_path_buf();
     for d in ["bin", "tmp", "root", "etc"] {
         std::fs::create_dir_all(root.join(d)).unwrap();
@@ -815,7 +815,7 @@ fn agent_route(
             vm.execs.insert(pid, slot.clone());
             let (root, input) = (vm.root.clone(), one(p, "input-data").map(String::from));
             std::thread::spawn(move || {
-                let mut c = Command::new("chroot")
+                let mut c = Command::new("/usr/sbin/chroot")
                     .arg(&root)
                     .args(&argv)
                     .env_clear()
