@@ -9,7 +9,8 @@
 //! - `model`    sandboxes, events and the state machine (pure)
 //! - `store`    sled trees and keys
 //! - `config`   `config.yaml` and profiles (parse, validate, resolve)
-//! - `backend`  `trait Backend` and the local QEMU backend
+//! - `backend`  `trait Backend`, the local QEMU backend and the Proxmox VE backend
+//! - `proxmox_api` a blocking client for the Proxmox VE REST API (TLS, tasks, errors)
 //! - `qmp`      QEMU Machine Protocol client
 //! - `net`      bridge, TAPs, DNS and nftables for the sandbox network
 //! - `dhcp`     the DHCPv4 server on the sandbox bridge
@@ -38,6 +39,7 @@ pub mod image;
 pub mod log;
 pub mod model;
 pub mod net;
+pub mod proxmox_api;
 pub mod qcow;
 pub mod qga;
 pub mod qmp;

@@ -9,6 +9,8 @@
 //! Backends report what happens to a VM on their own (the guest became ready,
 //! it powered off, QEMU died) through the [`EventSink`] they were built with.
 
+pub mod agent_api;
+pub mod proxmox;
 pub mod qemu;
 
 use std::sync::Arc;
@@ -123,6 +125,30 @@ pub struct Orphan {
     pub why: String,
 }
 
+/// A command run to its end by [`Backend::exec_simple`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ExecResult {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub status: crate::qga::session::ExitStatus,
+}
+
+impl ExecResult {
+    /// As a stream of outputs would have delivered it, the exit last.
+    pub fn into_outputs(self) -> Vec<crate::qga::session::Output> {
+        use crate::qga::session::Output;
+        let mut out = Vec::new();
+        if !self.stdout.is_empty() {
+            out.push(Output::Stdout(self.stdout));
+        }
+        if !self.stderr.is_empty() {
+            out.push(Output::Stderr(self.stderr));
+        }
+        out.push(Output::Exit(self.status));
+        out
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BackendStatus {
     pub kind: String,
@@ -130,6 +156,10 @@ pub struct BackendStatus {
     pub accel: String,
     pub accel_reason: String,
     pub hypervisor_version: String,
+    /// Backend-specific findings for `agentlab status` (the Proxmox backend:
+    /// cluster reachable, node, token privileges, templates).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub details: Vec<(String, String)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -224,6 +254,43 @@ pub trait Backend: Send + Sync {
     ) -> Result<std::sync::Arc<crate::qga::session::Session>, BackendError> {
         Err(BackendError::user(format!(
             "sandbox {vmid}: the {} backend has no guest agent channel",
+            self.kind()
+        )))
+    }
+
+    /// Whether exec and cp go through [`Backend::exec_simple`],
+    /// [`Backend::file_read`] and [`Backend::file_write`] (a hypervisor's
+    /// own guest-agent API, e.g. Proxmox's) rather than [`Backend::guest`].
+    fn guest_api(&self) -> bool {
+        false
+    }
+
+    /// Runs a command in the guest to its end: output arrives at the end,
+    /// stdin only up front. For backends whose [`Backend::guest_api`] is true.
+    fn exec_simple(
+        &self,
+        vmid: u32,
+        _spec: &crate::qga::session::ExecSpec,
+        _stdin: Option<Vec<u8>>,
+    ) -> Result<ExecResult, BackendError> {
+        Err(BackendError::user(format!(
+            "sandbox {vmid}: the {} backend cannot run commands through a hypervisor agent API",
+            self.kind()
+        )))
+    }
+
+    /// A whole file from the guest.
+    fn file_read(&self, vmid: u32, _path: &str) -> Result<Vec<u8>, BackendError> {
+        Err(BackendError::user(format!(
+            "sandbox {vmid}: the {} backend cannot read guest files through a hypervisor agent API",
+            self.kind()
+        )))
+    }
+
+    /// Writes a whole file in the guest (created or truncated).
+    fn file_write(&self, vmid: u32, _path: &str, _data: &[u8]) -> Result<(), BackendError> {
+        Err(BackendError::user(format!(
+            "sandbox {vmid}: the {} backend cannot write guest files through a hypervisor agent API",
             self.kind()
         )))
     }

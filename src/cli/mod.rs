@@ -15,6 +15,7 @@ mod image;
 mod logs;
 pub mod output;
 mod profile;
+mod proxmox;
 mod sandbox;
 mod status;
 
@@ -58,6 +59,7 @@ enum Command {
     Console(console::ConsoleCmd),
     Cp(cp::CpCmd),
     Profile(profile::ProfileCmd),
+    Proxmox(proxmox::ProxmoxCmd),
     Image(image::ImageCmd),
     Status(status::StatusCmd),
     Logs(logs::LogsCmd),
@@ -170,6 +172,7 @@ pub fn main() -> ExitCode {
         Command::Console(c) => console::run(&global, c),
         Command::Cp(c) => cp::run(&global, c),
         Command::Profile(c) => profile::run_profile(&global, c),
+        Command::Proxmox(c) => proxmox::run(&global, c),
         Command::Image(c) => image::run(&global, c),
         Command::Status(c) => status::run(&global, c),
         Command::Logs(c) => logs::run(&global, c),

@@ -1,4 +1,4 @@
-//! `agentlab profile list`.
+//! `agentlab profile list` and `agentlab profile validate <name>`.
 
 use argh::FromArgs;
 
@@ -22,6 +22,48 @@ pub struct ProfileCmd {
 #[argh(subcommand)]
 enum ProfileSub {
     List(ProfileList),
+    Validate(ProfileValidate),
+}
+
+#[derive(FromArgs)]
+/// Check a profile against the configured backend (Proxmox: the template
+/// exists, is a template, has the guest agent; the firewall group exists).
+#[argh(subcommand, name = "validate")]
+struct ProfileValidate {
+    /// the profile's name
+    #[argh(positional)]
+    name: String,
+}
+
+fn validate(g: &Global, c: ProfileValidate) -> Result<(), CliError> {
+    let cfg = super::connect::load_config(g)?;
+    let profiles = crate::config::Profiles::load(&cfg.profiles_dir)
+        .map_err(|e| CliError::User(crate::log::error_chain(&e)))?;
+    let p = profiles
+        .get(&c.name)
+        .ok_or_else(|| CliError::User(format!("no profile named {:?}", c.name)))?;
+    if cfg.backend != crate::config::BackendKind::Proxmox {
+        println!(
+            "profile {}: valid (no backend checks for the {:?} backend)",
+            p.name, cfg.backend
+        );
+        return Ok(());
+    }
+    let sink: crate::backend::EventSink = std::sync::Arc::new(|_, _| {});
+    let b = crate::backend::proxmox::ProxmoxBackend::new(&cfg, sink).map_err(CliError::User)?;
+    let lines = b.validate_profile(p).map_err(|e| {
+        let msg = crate::log::error_chain(&e);
+        if e.is_user_error() {
+            CliError::User(msg)
+        } else {
+            CliError::Host(msg)
+        }
+    })?;
+    for l in lines {
+        println!("ok: {l}");
+    }
+    println!("profile {}: valid", p.name);
+    Ok(())
 }
 
 #[derive(FromArgs)]
@@ -34,7 +76,10 @@ struct ProfileList {
 }
 
 pub fn run_profile(g: &Global, c: ProfileCmd) -> Result<(), CliError> {
-    let ProfileSub::List(c) = c.cmd;
+    let c = match c.cmd {
+        ProfileSub::List(c) => c,
+        ProfileSub::Validate(v) => return validate(g, v),
+    };
     let r = client(g)?.get("/v1/profiles")?;
     if c.json {
         return output::print_json(&r);

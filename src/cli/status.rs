@@ -36,34 +36,39 @@ pub fn run(g: &Global, c: StatusCmd) -> Result<(), CliError> {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    output::fields(&[
+    let mut rows = vec![
         (
-            "daemon",
+            "daemon".to_string(),
             format!(
                 "agentlabd {} (pid {}), up {}s",
                 s.version, s.pid, s.uptime_seconds
             ),
         ),
-        ("socket", s.socket.clone()),
-        ("data dir", s.data_dir.clone()),
-        ("backend", s.backend.kind.clone()),
+        ("socket".into(), s.socket.clone()),
+        ("data dir".into(), s.data_dir.clone()),
+        ("backend".into(), s.backend.kind.clone()),
         (
-            "accelerator",
+            "accelerator".into(),
             format!("{} ({})", s.backend.accel, s.backend.accel_reason),
         ),
-        ("hypervisor", s.backend.hypervisor_version.clone()),
-        ("sandboxes", counts),
+        ("hypervisor".into(), s.backend.hypervisor_version.clone()),
+    ];
+    rows.extend(s.backend.details.iter().cloned());
+    rows.extend([
+        ("sandboxes".into(), counts),
         (
-            "daemon memory",
+            "daemon memory".into(),
             s.rss_bytes.map(output::bytes).unwrap_or_default(),
         ),
         (
-            "orphans",
+            "orphans".into(),
             if s.orphans.is_empty() {
                 "none".into()
             } else {
                 format!("{} (remove with `agentlab sandbox prune`)", s.orphans.len())
             },
         ),
-    ])
+    ]);
+    let refs: Vec<(&str, String)> = rows.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    output::fields(&refs)
 }

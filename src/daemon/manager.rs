@@ -22,7 +22,7 @@ use super::bus::{Bus, BusItem};
 use crate::api::types::{
     CreateRequest, PruneResponse, RenewResponse, RevertResponse, StatusResponse,
 };
-use crate::backend::{Backend, BackendError, StopMode, VmEvent};
+use crate::backend::{agent_api, Backend, BackendError, StopMode, VmEvent};
 use crate::config::{Config, Profile, Profiles};
 use crate::image::default_guest::GuestAgent;
 use crate::model::{self, check_action, Action, EventDraft, Sandbox, State};
@@ -632,6 +632,11 @@ impl Manager {
         spec: &ExecSpec,
         stdin_data: Option<Vec<u8>>,
     ) -> Result<(Exec, Busy), OpError> {
+        if let Some(vmid) = self.guest_api_of(id)? {
+            let busy = self.busy(vmid)?;
+            let r = self.backend.exec_simple(vmid, spec, stdin_data)?;
+            return Ok((Exec::finished(r.into_outputs()), busy));
+        }
         let (vmid, session) = self.guest_of(id)?;
         let busy = self.busy(vmid)?;
         let exec = session.exec(spec, stdin_data).map_err(agent_error)?;
@@ -646,6 +651,10 @@ impl Manager {
         sink: &mut dyn std::io::Write,
         progress: &mut dyn FnMut(u64),
     ) -> Result<TarDone, OpError> {
+        if let Some(vmid) = self.guest_api_of(id)? {
+            let _busy = self.busy(vmid)?;
+            return Ok(agent_api::tar_out(&*self.backend, vmid, path, sink)?);
+        }
         let (vmid, session) = self.guest_of(id)?;
         let _busy = self.busy(vmid)?;
         session.tar_out(path, sink, progress).map_err(agent_error)
@@ -660,6 +669,10 @@ impl Manager {
         source: &mut dyn std::io::Read,
         progress: &mut dyn FnMut(u64),
     ) -> Result<TarDone, OpError> {
+        if let Some(vmid) = self.guest_api_of(id)? {
+            let _busy = self.busy(vmid)?;
+            return Ok(agent_api::tar_in(&*self.backend, vmid, path, root, source)?);
+        }
         let (vmid, session) = self.guest_of(id)?;
         let _busy = self.busy(vmid)?;
         session
@@ -680,6 +693,17 @@ impl Manager {
             )));
         }
         Ok((sb.vmid, self.backend.console_attach(sb.vmid)?))
+    }
+
+    /// For a backend that runs commands through its own agent API
+    /// (`Backend::guest_api`, Proxmox): the sandbox, if it may exec now.
+    fn guest_api_of(&self, id: &str) -> Result<Option<u32>, OpError> {
+        if !self.backend.guest_api() {
+            return Ok(None);
+        }
+        let sb = self.find(id)?;
+        check_action(sb.vmid, sb.state, Action::Exec, false)?;
+        Ok(Some(sb.vmid))
     }
 
     fn guest_of(&self, id: &str) -> Result<(u32, Arc<Session>), OpError> {
@@ -735,6 +759,9 @@ impl Manager {
 
     /// Whether the sandbox runs agentlab's agent (streaming) or a stock qemu-ga.
     pub fn agent_extended(&self, id: &str) -> Result<bool, OpError> {
+        if self.guest_api_of(id)?.is_some() {
+            return Ok(false);
+        }
         Ok(self.guest_of(id)?.1.info().extended)
     }
 

@@ -54,6 +54,8 @@ pub enum DaemonError {
     Store(#[from] crate::store::StoreError),
     #[error("the {0:?} backend is not available in this build yet")]
     Backend(BackendKind),
+    #[error("proxmox backend: {0}")]
+    Proxmox(String),
     #[error("the API loop failed")]
     Serve(#[source] std::io::Error),
     #[error("cannot set up signal handling")]
@@ -103,7 +105,10 @@ impl Daemon {
         });
         let backend: Arc<dyn Backend> = match cfg.backend {
             BackendKind::Qemu => Arc::new(QemuBackend::new(&cfg, sink)),
-            other => return Err(DaemonError::Backend(other)),
+            BackendKind::Proxmox => Arc::new(
+                crate::backend::proxmox::ProxmoxBackend::new(&cfg, sink)
+                    .map_err(DaemonError::Proxmox)?,
+            ),
         };
         let socket = cfg.socket_path.clone();
         let manager = Arc::new(Manager::new(cfg, store, backend, bus.clone()));

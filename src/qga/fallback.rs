@@ -123,7 +123,7 @@ impl Session {
         };
         let done = !queue.is_empty();
         Ok(Exec {
-            client: self.client.clone(),
+            client: Some(self.client.clone()),
             stream: None,
             inner: Inner::Poll(Poll {
                 pid,
@@ -374,7 +374,7 @@ fn kill_and_reap(client: &AgentClient, pid: i64) -> Vec<Output> {
 }
 
 /// `/var/log/x.log` → (`/var/log`, `x.log`); `/` has no parent to name it by.
-fn split_path(path: &str) -> (String, String) {
+pub(crate) fn split_path(path: &str) -> (String, String) {
     let trimmed = path.trim_end_matches('/');
     match trimmed.rsplit_once('/') {
         Some(("", name)) => ("/".to_string(), name.to_string()),
@@ -393,7 +393,7 @@ fn fallback_tmp() -> String {
 /// (`…Failed to execute child process “PROG” (No such file or directory)…`):
 /// 127 when the program is not there, 126 when it cannot run, with the
 /// message a shell (and agentlab's agent) would give.
-fn spawn_failure(program: &str, desc: &str) -> ExitStatus {
+pub(crate) fn spawn_failure(program: &str, desc: &str) -> ExitStatus {
     let reason = desc
         .rsplit_once('(')
         .and_then(|(_, r)| r.split_once(')'))
@@ -414,7 +414,7 @@ fn spawn_failure(program: &str, desc: &str) -> ExitStatus {
 
 /// qemu-ga runs argv directly, and its env replaces the environment; env,
 /// cwd and user go through `sh -c` (`export`, `cd`) and `su`.
-fn wrap_for_qemu_ga(spec: &ExecSpec) -> Vec<String> {
+pub(crate) fn wrap_for_qemu_ga(spec: &ExecSpec) -> Vec<String> {
     if spec.cwd.is_none() && spec.user.is_none() && spec.env.is_empty() {
         return spec.argv.clone();
     }
@@ -445,7 +445,7 @@ fn wrap_for_qemu_ga(spec: &ExecSpec) -> Vec<String> {
     }
 }
 
-fn shell_quote(s: &str) -> String {
+pub(crate) fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 

@@ -5,7 +5,7 @@
 
 pub mod b64;
 pub mod client;
-mod fallback;
+pub(crate) mod fallback;
 pub mod frames;
 pub mod session;
 pub mod wire;

@@ -190,7 +190,7 @@ impl Session {
             json!(args)
         })?;
         Ok(Exec {
-            client: self.client.clone(),
+            client: Some(self.client.clone()),
             stream: Some(guard.stream),
             inner: Inner::Stream {
                 rx,
@@ -320,7 +320,8 @@ impl Session {
 
 /// A running command, streamed or polled.
 pub struct Exec {
-    pub(super) client: Arc<AgentClient>,
+    /// `None` for a command some other channel already ran ([`Exec::finished`]).
+    pub(super) client: Option<Arc<AgentClient>>,
     pub(super) stream: Option<u32>,
     pub(super) inner: Inner,
     /// After this the host gives up on the guest's own timeout and kills.
@@ -334,9 +335,22 @@ pub(super) enum Inner {
         guard: StreamGuard,
     },
     Poll(Poll),
+    /// Output gathered elsewhere (a hypervisor's agent API), replayed.
+    Done(std::collections::VecDeque<Output>),
 }
 
 impl Exec {
+    /// A command that has already run to its end elsewhere (e.g. through
+    /// Proxmox's `agent/exec`): `next` replays `outputs`, the exit last.
+    pub fn finished(outputs: Vec<Output>) -> Exec {
+        Exec {
+            client: None,
+            stream: None,
+            inner: Inner::Done(outputs.into()),
+            deadline: None,
+        }
+    }
+
     pub fn streaming(&self) -> bool {
         matches!(self.inner, Inner::Stream { .. })
     }
@@ -357,7 +371,7 @@ impl Exec {
                         if deadline.is_some_and(|d| Instant::now() >= d) =>
                     {
                         let s = stream.unwrap_or(0);
-                        let _ = self.client.call(
+                        let _ = guard.client.call(
                             wire::CMD_SIGNAL,
                             json!(wire::SignalArgs {
                                 stream: s,
@@ -378,7 +392,7 @@ impl Exec {
                     Item::Data { kind, payload } => {
                         *unacked += payload.len() as u32;
                         if *unacked >= wire::DEFAULT_WINDOW / 2 {
-                            self.client.grant(stream.unwrap_or(0), *unacked)?;
+                            guard.client.grant(stream.unwrap_or(0), *unacked)?;
                             *unacked = 0;
                         }
                         Ok(if kind == wire::kind::STDERR {
@@ -403,7 +417,11 @@ impl Exec {
                     Item::Broken(why) => Err(AgentError::Protocol(why)),
                 }
             }
-            Inner::Poll(poll) => poll.next(&self.client, deadline, idle),
+            Inner::Poll(poll) => match &self.client {
+                Some(c) => poll.next(c, deadline, idle),
+                None => Err(AgentError::Gone),
+            },
+            Inner::Done(queue) => queue.pop_front().ok_or(AgentError::Gone),
         }
     }
 
@@ -419,62 +437,60 @@ impl Exec {
 /// Stdin, window size and signals for a streamed command.
 #[derive(Clone)]
 pub struct Control {
-    client: Arc<AgentClient>,
+    client: Option<Arc<AgentClient>>,
     stream: Option<u32>,
 }
 
 impl Control {
-    fn stream(&self) -> Result<u32, AgentError> {
-        self.stream.ok_or_else(|| {
-            AgentError::Unsupported(
+    fn target(&self) -> Result<(&AgentClient, u32), AgentError> {
+        match (&self.client, self.stream) {
+            (Some(c), Some(s)) => Ok((c, s)),
+            _ => Err(AgentError::Unsupported(
                 "the guest's agent takes stdin only up front (stock qemu-ga)".into(),
-            )
-        })
+            )),
+        }
     }
 
     pub fn stdin(&self, data: &[u8]) -> Result<(), AgentError> {
-        self.client
-            .send_data(self.stream()?, kind::STDIN, data, Duration::from_secs(3600))
+        let (c, s) = self.target()?;
+        c.send_data(s, kind::STDIN, data, Duration::from_secs(3600))
     }
 
     pub fn close_stdin(&self) -> Result<(), AgentError> {
-        let s = self.stream()?;
-        self.client
-            .call(
-                wire::CMD_STDIN_CLOSE,
-                json!(wire::StreamCredit {
-                    stream: s,
-                    bytes: 0
-                }),
-                CALL_TIMEOUT,
-            )
-            .map(|_| ())
+        let (c, s) = self.target()?;
+        c.call(
+            wire::CMD_STDIN_CLOSE,
+            json!(wire::StreamCredit {
+                stream: s,
+                bytes: 0
+            }),
+            CALL_TIMEOUT,
+        )
+        .map(|_| ())
     }
 
     pub fn resize(&self, size: wire::TtySize) -> Result<(), AgentError> {
-        let s = self.stream()?;
-        self.client
-            .call(
-                wire::CMD_RESIZE,
-                json!(wire::Resize {
-                    stream: s,
-                    rows: size.rows,
-                    cols: size.cols
-                }),
-                CALL_TIMEOUT,
-            )
-            .map(|_| ())
+        let (c, s) = self.target()?;
+        c.call(
+            wire::CMD_RESIZE,
+            json!(wire::Resize {
+                stream: s,
+                rows: size.rows,
+                cols: size.cols
+            }),
+            CALL_TIMEOUT,
+        )
+        .map(|_| ())
     }
 
     pub fn signal(&self, signal: i32) -> Result<(), AgentError> {
-        let s = self.stream()?;
-        self.client
-            .call(
-                wire::CMD_SIGNAL,
-                json!(wire::SignalArgs { stream: s, signal }),
-                CALL_TIMEOUT,
-            )
-            .map(|_| ())
+        let (c, s) = self.target()?;
+        c.call(
+            wire::CMD_SIGNAL,
+            json!(wire::SignalArgs { stream: s, signal }),
+            CALL_TIMEOUT,
+        )
+        .map(|_| ())
     }
 }
 

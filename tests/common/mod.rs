@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod fake_pve;
 pub mod netns;
 
 use std::path::{Path, PathBuf};

@@ -333,6 +333,7 @@ impl Backend for QemuBackend {
                 Ok(v) => format!("QEMU {v}"),
                 Err(e) => format!("unavailable: {e}"),
             },
+            details: Vec::new(),
         }
     }
 
