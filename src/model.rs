@@ -294,6 +294,19 @@ impl Sandbox {
     }
 }
 
+/// A sandbox port reachable from the host (`agentlab sandbox expose`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exposure {
+    /// `sbx-<vmid>-<port>` unless the user named it.
+    pub name: String,
+    pub vmid: u32,
+    pub guest_port: u16,
+    pub host_port: u16,
+    /// The host address it listens on; `0.0.0.0` for every address.
+    pub bind: std::net::Ipv4Addr,
+    pub created_at: Timestamp,
+}
+
 /// A MAC in QEMU's locally administered range, stable per VMID.
 pub fn mac_for(vmid: u32) -> String {
     // FNV-1a of the VMID spreads neighbours apart while staying reproducible.

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use sled::Tree;
 
-use crate::model::{Event, EventDraft, Sandbox, FIRST_VMID};
+use crate::model::{Event, EventDraft, Exposure, Sandbox, FIRST_VMID};
 use crate::time::Timestamp;
 
 /// Bumped when the stored shapes change incompatibly.
@@ -60,6 +60,8 @@ pub struct Store {
     events: Tree,
     by_vmid: Tree,
     meta: Tree,
+    /// Exposed sandbox ports, by name.
+    exposures: Tree,
 }
 
 impl Store {
@@ -80,6 +82,7 @@ impl Store {
             events: db.open_tree("events")?,
             by_vmid: db.open_tree("events_by_vmid")?,
             meta: db.open_tree("meta")?,
+            exposures: db.open_tree("exposures")?,
             db,
         };
         match store.meta.get(KEY_SCHEMA)? {
@@ -362,6 +365,38 @@ impl Store {
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         Ok(())
+    }
+
+    /// Records an exposure; false when the name is taken.
+    pub fn add_exposure(&self, e: &Exposure) -> Result<bool, StoreError> {
+        let value = serde_json::to_vec(e).expect("an exposure serializes");
+        let fresh = self
+            .exposures
+            .compare_and_swap(e.name.as_bytes(), None as Option<&[u8]>, Some(value))?
+            .is_ok();
+        if fresh {
+            self.db.flush()?;
+        }
+        Ok(fresh)
+    }
+
+    /// Forgets an exposure; returns it when it existed.
+    pub fn remove_exposure(&self, name: &str) -> Result<Option<Exposure>, StoreError> {
+        let old = self.exposures.remove(name.as_bytes())?;
+        self.db.flush()?;
+        old.map(|v| decode(&v, &format!("exposure {name}")))
+            .transpose()
+    }
+
+    /// Every exposure, by name.
+    pub fn exposures(&self) -> Result<Vec<Exposure>, StoreError> {
+        self.exposures
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&v, &format!("exposure {}", String::from_utf8_lossy(&k)))
+            })
+            .collect()
     }
 }
 

@@ -28,6 +28,14 @@ impl Timestamp {
         Timestamp(ms)
     }
 
+    pub fn from_system(t: std::time::SystemTime) -> Timestamp {
+        let ms = match t.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => d.as_millis() as i64,
+            Err(e) => -(e.duration().as_millis() as i64),
+        };
+        Timestamp::from_millis(ms)
+    }
+
     pub fn millis(self) -> i64 {
         self.0
     }

@@ -14,8 +14,8 @@ use serde_json::{json, Value};
 
 use super::http::{Request, Response};
 use super::types::{
-    BuildImageRequest, ConsoleInput, CreateRequest, ErrorBody, ForceRequest, PruneRequest,
-    RenewRequest, RevertRequest, StartRequest,
+    BuildImageRequest, ConsoleInput, CreateRequest, ErrorBody, ExposeRequest, ForceRequest,
+    PruneRequest, RenewRequest, RevertRequest, StartRequest,
 };
 use crate::daemon::bus::{BusItem, Filter};
 use crate::daemon::manager::{Manager, OpError};
@@ -106,6 +106,10 @@ fn route(m: &Arc<Manager>, req: &Request, socket: &str) -> Result<Reply, OpError
         ("GET", ["v1", "events"]) => events(m, req, None),
         ("GET", ["v1", "sandboxes"]) => ok(200, &json!({"sandboxes": m.list(flag(req, "all"))?})),
         ("POST", ["v1", "sandboxes"]) => ok(201, &m.create(body::<CreateRequest>(req)?)?),
+        ("GET", ["v1", "net"]) => ok(200, &m.network()?.show()),
+        ("GET", ["v1", "net", "check"]) => ok(200, &json!({"findings": m.network()?.check()})),
+        ("GET", ["v1", "exposures"]) => ok(200, &json!({"exposures": m.network()?.exposures()?})),
+        ("DELETE", ["v1", "exposures", name]) => ok(200, &m.network()?.unexpose(name)?),
         ("POST", ["v1", "sandboxes", "prune"]) => {
             ok(200, &m.prune(body::<PruneRequest>(req)?.dry_run)?)
         }
@@ -150,6 +154,7 @@ fn sandbox_route(
             };
             ok(200, &m.renew(id, ttl)?)?
         }
+        ("POST", ["expose"]) => ok(201, &m.expose(id, body::<ExposeRequest>(req)?)?)?,
         ("POST", ["console"]) => {
             let r: ConsoleInput = body(req)?;
             m.console_input(id, &r.data)?;
@@ -185,14 +190,16 @@ fn known_path(seg: &[&str]) -> bool {
         ["healthz"]
             | [
                 "v1",
-                "status" | "profiles" | "images" | "sandboxes" | "events"
+                "status" | "profiles" | "images" | "sandboxes" | "events" | "net" | "exposures"
             ]
+            | ["v1", "net", "check"]
+            | ["v1", "exposures", _]
             | ["v1", "sandboxes", _]
             | [
                 "v1",
                 "sandboxes",
                 _,
-                "start" | "stop" | "destroy" | "revert" | "events" | "logs" | "console"
+                "start" | "stop" | "destroy" | "revert" | "events" | "logs" | "console" | "expose"
             ]
     )
 }

@@ -108,6 +108,24 @@ pub struct ConsoleInput {
     pub data: String,
 }
 
+/// `POST /v1/sandboxes/{id}/expose`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExposeRequest {
+    /// The guest's TCP port.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// The host port; default: the guest port.
+    #[serde(default)]
+    pub host_port: Option<u16>,
+    /// The host address to listen on; default 0.0.0.0 (every address).
+    #[serde(default)]
+    pub bind: Option<std::net::Ipv4Addr>,
+    /// Default `sbx-<vmid>-<port>`.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BuildImageRequest {

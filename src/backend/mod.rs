@@ -90,6 +90,21 @@ impl ExitInfo {
 
 pub type EventSink = Arc<dyn Fn(u32, VmEvent) + Send + Sync>;
 
+/// A network card for a sandbox's VM: a TAP the daemon's network opened and
+/// attached to its bridge. The VM inherits the descriptor; the TAP goes away
+/// when the last holder closes it.
+pub struct Nic {
+    pub tap: std::os::fd::OwnedFd,
+    pub mac: String,
+    pub model: crate::config::NicModel,
+}
+
+/// Where a local backend gets NICs from (the daemon's network).
+pub trait NicSource: Send + Sync {
+    /// The NIC for this boot of `sb`, or `None` when it has no network.
+    fn nic_for(&self, sb: &Sandbox) -> Result<Option<Nic>, BackendError>;
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StopMode {
     /// ACPI power button, then a hard stop after `grace`.

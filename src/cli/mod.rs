@@ -11,8 +11,10 @@ mod console;
 mod cp;
 mod daemon;
 mod exec;
+mod expose;
 mod image;
 mod logs;
+mod net;
 pub mod output;
 mod profile;
 mod proxmox;
@@ -62,6 +64,7 @@ enum Command {
     Proxmox(proxmox::ProxmoxCmd),
     Image(image::ImageCmd),
     Status(status::StatusCmd),
+    Net(net::NetCmd),
     Logs(logs::LogsCmd),
     Daemon(daemon::DaemonCmd),
     Bench(bench::BenchCmd),
@@ -175,6 +178,7 @@ pub fn main() -> ExitCode {
         Command::Proxmox(c) => proxmox::run(&global, c),
         Command::Image(c) => image::run(&global, c),
         Command::Status(c) => status::run(&global, c),
+        Command::Net(c) => net::run(&global, c),
         Command::Logs(c) => logs::run(&global, c),
         Command::Daemon(c) => daemon::run(&global, c),
         Command::Bench(c) => bench::run(&global, c),

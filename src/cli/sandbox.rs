@@ -39,6 +39,9 @@ enum Sub {
     Revert(RevertCmd),
     Lease(LeaseCmd),
     Prune(PruneCmd),
+    Expose(super::expose::ExposeCmd),
+    Exposed(super::expose::ExposedCmd),
+    Unexpose(super::expose::UnexposeCmd),
 }
 
 #[derive(FromArgs)]
@@ -258,6 +261,9 @@ pub fn run(g: &Global, c: SandboxCmd) -> Result<(), CliError> {
             ))
         }
         Sub::Prune(c) => prune(g, c),
+        Sub::Expose(c) => super::expose::expose(g, c),
+        Sub::Exposed(c) => super::expose::exposed(g, c),
+        Sub::Unexpose(c) => super::expose::unexpose(g, c),
     }
 }
 

@@ -19,13 +19,14 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::bus::{Bus, BusItem};
+use super::network::{NetError, Network};
 use crate::api::types::{
-    CreateRequest, PruneResponse, RenewResponse, RevertResponse, StatusResponse,
+    CreateRequest, ExposeRequest, PruneResponse, RenewResponse, RevertResponse, StatusResponse,
 };
 use crate::backend::{agent_api, Backend, BackendError, StopMode, VmEvent};
-use crate::config::{Config, Profile, Profiles};
+use crate::config::{Config, NetworkMode, Profile, Profiles};
 use crate::image::default_guest::GuestAgent;
-use crate::model::{self, check_action, Action, EventDraft, Sandbox, State};
+use crate::model::{self, check_action, Action, EventDraft, Exposure, Sandbox, State};
 use crate::qga::client::AgentError;
 use crate::qga::session::{Exec, ExecSpec, Session};
 use crate::qga::wire::TarDone;
@@ -71,6 +72,15 @@ impl From<StoreError> for OpError {
     }
 }
 
+impl From<NetError> for OpError {
+    fn from(e: NetError) -> OpError {
+        match e {
+            NetError::User(msg) => OpError::BadRequest(msg),
+            other => OpError::Host(other.to_string()),
+        }
+    }
+}
+
 impl From<BackendError> for OpError {
     fn from(e: BackendError) -> OpError {
         let msg = crate::log::error_chain(&e);
@@ -86,6 +96,8 @@ pub struct Manager {
     cfg: Config,
     store: Store,
     backend: Arc<dyn Backend>,
+    /// The local sandbox network; `None` when the backend brings its own.
+    net: Option<Arc<Network>>,
     bus: Bus,
     locks: Mutex<HashMap<u32, Arc<Mutex<()>>>>,
     /// Execs running per sandbox (READY while none, RUNNING while some).
@@ -102,11 +114,18 @@ pub struct Manager {
 }
 
 impl Manager {
-    pub fn new(cfg: Config, store: Store, backend: Arc<dyn Backend>, bus: Bus) -> Manager {
+    pub fn new(
+        cfg: Config,
+        store: Store,
+        backend: Arc<dyn Backend>,
+        net: Option<Arc<Network>>,
+        bus: Bus,
+    ) -> Manager {
         Manager {
             cfg,
             store,
             backend,
+            net,
             bus,
             locks: Mutex::new(HashMap::new()),
             log: Mutex::new(()),
@@ -132,6 +151,34 @@ impl Manager {
 
     pub fn backend(&self) -> &Arc<dyn Backend> {
         &self.backend
+    }
+
+    /// The sandbox network, or why there is none.
+    pub fn network(&self) -> Result<&Arc<Network>, OpError> {
+        self.net.as_ref().ok_or_else(|| {
+            OpError::BadRequest(format!(
+                "the {} backend has no agentlab-managed network",
+                self.backend.kind()
+            ))
+        })
+    }
+
+    /// `sandbox expose`: the sandbox must exist and not be destroyed.
+    pub fn expose(&self, id: &str, req: ExposeRequest) -> Result<Exposure, OpError> {
+        let sb = self.find(id)?;
+        if sb.state == State::Destroyed {
+            return Err(OpError::Conflict(format!(
+                "sandbox {} is destroyed",
+                sb.vmid
+            )));
+        }
+        let port = req
+            .port
+            .filter(|p| *p > 0)
+            .ok_or_else(|| OpError::BadRequest("port: give the guest port, 1-65535".into()))?;
+        Ok(self
+            .network()?
+            .expose(&sb, port, req.host_port, req.bind, req.name)?)
     }
 
     pub(crate) fn lock_of(&self, vmid: u32) -> Arc<Mutex<()>> {
@@ -242,13 +289,16 @@ impl Manager {
                     )));
                 }
             }
-            let sb = new_record(
+            let mut sb = new_record(
                 self.store.allocate_vmid()?,
                 &req,
                 &profile,
                 ttl,
                 self.backend.kind(),
             );
+            if self.net.is_some() && profile.network.mode != NetworkMode::Off {
+                sb.ip = Some(self.allocate_ip(sb.vmid)?.to_string());
+            }
             let data = json!({"profile": profile.name, "ttl_seconds": sb.ttl_seconds, "keepalive": sb.keepalive});
             let msg = format!("requested with profile {}", profile.name);
             self.record(
@@ -267,6 +317,21 @@ impl Manager {
             return self.wait_settled(vmid, deadline);
         }
         Ok(sb)
+    }
+
+    /// A free address in the sandbox subnet (caller holds `create_lock`).
+    fn allocate_ip(&self, vmid: u32) -> Result<std::net::Ipv4Addr, OpError> {
+        let used: std::collections::HashSet<std::net::Ipv4Addr> = self
+            .list(false)?
+            .iter()
+            .filter_map(|s| s.ip.as_deref()?.parse().ok())
+            .collect();
+        crate::net::pick_ip(self.cfg.network.gateway, vmid, &used).ok_or_else(|| {
+            OpError::Conflict(format!(
+                "the sandbox subnet {} is full; destroy sandboxes or widen `subnet` in config.yaml",
+                self.cfg.network.subnet()
+            ))
+        })
     }
 
     /// `ttl` or `ttl_minutes` from the request, else the profile's default,
@@ -316,6 +381,9 @@ impl Manager {
     fn provision_locked(&self, sb: &mut Sandbox, profile: &Profile) -> Result<(), OpError> {
         self.transition(sb, State::Provisioning, "provisioning")?;
         let started = Instant::now();
+        if let Some(net) = &self.net {
+            net.join(sb)?;
+        }
         let mut progress =
             |line: &str| self.note(sb, "sandbox.progress", line, serde_json::Value::Null);
         let made = self
@@ -472,15 +540,22 @@ impl Manager {
         force: bool,
         msg: &str,
     ) -> Result<(), OpError> {
-        let r = self.backend.destroy(sb);
+        let r = self
+            .backend
+            .destroy(sb)
+            .map_err(OpError::from)
+            .and_then(|()| match &self.net {
+                Some(net) => net.leave(sb.vmid).map_err(OpError::from),
+                None => Ok(()),
+            });
         match r {
             Ok(()) => {}
             Err(e) if force => {
-                let why = crate::log::error_chain(&e);
+                let why = e.to_string();
                 crate::warn!("sandbox {}: destroy left something behind ({why}); `agentlab sandbox prune` removes it", sb.vmid);
                 sb.last_error = Some(why);
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         }
         sb.runtime = None;
         sb.disk = None;

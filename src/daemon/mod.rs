@@ -8,6 +8,7 @@
 pub mod bus;
 pub mod lease;
 pub mod manager;
+pub mod network;
 pub mod reconcile;
 
 use std::fs::{File, OpenOptions};
@@ -25,6 +26,7 @@ use crate::store::Store;
 
 use self::bus::Bus;
 use self::manager::Manager;
+use self::network::Network;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -103,15 +105,37 @@ impl Daemon {
                 m.on_vm_event(vmid, ev);
             }
         });
-        let backend: Arc<dyn Backend> = match cfg.backend {
-            BackendKind::Qemu => Arc::new(QemuBackend::new(&cfg, sink)),
-            BackendKind::Proxmox => Arc::new(
-                crate::backend::proxmox::ProxmoxBackend::new(&cfg, sink)
-                    .map_err(DaemonError::Proxmox)?,
+        let event_slot = slot.clone();
+        let events: network::EventFn = Arc::new(move |draft| {
+            let m = event_slot
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .upgrade();
+            if let Some(m) = m {
+                m.append(draft);
+            }
+        });
+        let (backend, net): (Arc<dyn Backend>, _) = match cfg.backend {
+            BackendKind::Qemu => {
+                let net = Network::new(
+                    cfg.network.clone(),
+                    store.clone(),
+                    Box::new(crate::net::nft::NftCli::default()),
+                    events,
+                );
+                let backend = QemuBackend::new(&cfg, sink).with_nics(net.clone());
+                (Arc::new(backend), Some(net))
+            }
+            BackendKind::Proxmox => (
+                Arc::new(
+                    crate::backend::proxmox::ProxmoxBackend::new(&cfg, sink)
+                        .map_err(DaemonError::Proxmox)?,
+                ) as Arc<dyn Backend>,
+                None,
             ),
         };
         let socket = cfg.socket_path.clone();
-        let manager = Arc::new(Manager::new(cfg, store, backend, bus.clone()));
+        let manager = Arc::new(Manager::new(cfg, store, backend, net, bus.clone()));
         *slot.lock().unwrap_or_else(|e| e.into_inner()) = Arc::downgrade(&manager);
         reconcile::reconcile(&manager);
         let listener = bind(&socket, manager.config().socket_group.as_deref())?;

@@ -10,6 +10,10 @@
 //! - A sandbox caught mid-provisioning is marked FAILED; overlays are written
 //!   atomically, so there is either a whole one or none, and `revert` or
 //!   `start` makes what is missing.
+//! - The sandbox network is rebuilt from the sandboxes that are not
+//!   destroyed: the nft table rendered whole (so no chain of a dead sandbox
+//!   survives), the bridge checked, DHCP and DNS restarted. TAPs need no
+//!   sweeping: they are not persistent and vanish with their QEMU.
 //! - Orphans (QEMU processes and directories no record owns) are left alone
 //!   and listed by `agentlab status`; `agentlab sandbox prune` removes them.
 //!
@@ -56,6 +60,18 @@ pub fn reconcile(m: &Manager) -> Report {
             }
             _ => {}
         }
+    }
+    // The network's members are the sandboxes still alive; the nft table is
+    // rebuilt from them, so a dead sandbox's rules do not outlive it.
+    if let Ok(net) = m.network() {
+        let live: Vec<Sandbox> = m
+            .store()
+            .list()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|s| s.state != State::Destroyed)
+            .collect();
+        net.reconcile(&live);
     }
     report.orphans = m
         .backend()

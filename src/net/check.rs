@@ -23,7 +23,8 @@ pub struct CheckInput {
     pub subnet: Ipv4Net,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Level {
     Ok,
     Warn,
@@ -31,7 +32,7 @@ pub enum Level {
 }
 
 /// One line of the report; `fix` is empty when there is nothing to do.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Finding {
     pub level: Level,
     pub what: String,

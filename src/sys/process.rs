@@ -5,7 +5,7 @@
 //! daemon can no longer `waitpid` it, so exit is observed through a pidfd.
 
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -16,17 +16,31 @@ use rustix::process::{pidfd_open, Pid, PidfdFlags};
 /// Spawns `cmd` as the leader of a new session, detached from our terminal
 /// and process group, so signals to the daemon do not reach it.
 pub fn spawn_detached(cmd: &mut Command) -> io::Result<Child> {
-    // SAFETY: the closure runs between fork and exec in the child; setsid(2)
-    // and pthread_sigmask(3) are async-signal-safe, and the closure touches no
-    // memory of the parent. The daemon blocks SIGTERM/SIGINT to read them from
-    // a signalfd; the mask is inherited across exec, so it is cleared here or
-    // QEMU would ignore them.
+    spawn_detached_keeping(cmd, &[])
+}
+
+/// As [`spawn_detached`], and the child inherits `keep` at their own numbers
+/// (QEMU's `-netdev tap,fd=N`). They stay close-on-exec in the daemon, so no
+/// other child started meanwhile inherits them.
+pub fn spawn_detached_keeping(cmd: &mut Command, keep: &[BorrowedFd<'_>]) -> io::Result<Child> {
+    let keep: Vec<i32> = keep.iter().map(|fd| fd.as_raw_fd()).collect();
+    // SAFETY: the closure runs between fork and exec in the child; setsid(2),
+    // pthread_sigmask(3) and fcntl(2) are async-signal-safe, and the closure
+    // only reads `keep`, allocated before the fork. The daemon blocks
+    // SIGTERM/SIGINT to read them from a signalfd; the mask is inherited
+    // across exec, so it is cleared here or QEMU would ignore them. The fds
+    // in `keep` are open: the caller borrows them for the whole call.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             rustix::process::setsid().map_err(io::Error::from)?;
             nix::sys::signal::SigSet::empty()
                 .thread_set_mask()
                 .map_err(io::Error::from)?;
+            for &fd in &keep {
+                let fd = BorrowedFd::borrow_raw(fd);
+                rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())
+                    .map_err(io::Error::from)?;
+            }
             Ok(())
         });
     }

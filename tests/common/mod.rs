@@ -22,6 +22,9 @@ pub struct Env {
     pub config: PathBuf,
     pub socket: PathBuf,
     daemon: Option<Child>,
+    /// The daemon's network namespace: its bridge, TAPs, nft table, DHCP
+    /// and DNS live there and vanish with it, never touching the host's.
+    pub netns: netns::Netns,
 }
 
 impl Env {
@@ -46,6 +49,7 @@ impl Env {
             config,
             socket,
             daemon: None,
+            netns: netns::Netns::new(&format!("e{}", &tag[..tag.len().min(8)])),
         }
     }
 
@@ -64,8 +68,11 @@ impl Env {
             .append(true)
             .open(self.dir.join("daemon.log"))
             .unwrap();
-        let child = Command::new(BIN)
-            .arg("daemon")
+        // nsenter moves only the network namespace (`ip netns exec` would
+        // also give the daemon a mount namespace of its own).
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.netns.name))
+            .args(["--", BIN, "daemon"])
             .env("AGENTLAB_CONFIG", &self.config)
             .env("AGENTLAB_ACCEL", "tcg")
             .stdin(Stdio::null())

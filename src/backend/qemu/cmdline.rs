@@ -52,6 +52,18 @@ pub struct VmSpec<'a> {
     pub run_dir: &'a Path,
     pub run_as: Option<&'a str>,
     pub version: &'a QemuVersion,
+    /// The network card, if the sandbox has one.
+    pub nic: Option<NicSpec<'a>>,
+}
+
+/// A NIC on a TAP the daemon opened: QEMU inherits the descriptor.
+#[derive(Clone, Copy, Debug)]
+pub struct NicSpec<'a> {
+    /// The TAP's descriptor number in QEMU (it is inherited, not opened).
+    pub fd: i32,
+    pub mac: &'a str,
+    /// `virtio-net-pci` or `e1000`.
+    pub device: &'a str,
 }
 
 /// The marker every agentlab QEMU carries in its argv, so the daemon can
@@ -72,8 +84,29 @@ pub fn argv(spec: &VmSpec<'_>) -> Vec<String> {
         &mut a,
         &["-device", "virtio-blk-pci,drive=root,id=vda,bootindex=1"],
     );
+    nic(spec, &mut a);
     direct_boot(spec, &mut a);
     a
+}
+
+/// The NIC on the inherited TAP (`vhost=off`: vhost-net needs /dev/vhost-net
+/// opened by a privileged process and is a further kernel surface). Without
+/// one, `-nodefaults` leaves the guest with no network at all.
+fn nic(spec: &VmSpec<'_>, a: &mut Vec<String>) {
+    let Some(n) = spec.nic else {
+        return;
+    };
+    push(
+        a,
+        &["-netdev", &format!("tap,id=net0,fd={},vhost=off", n.fd)],
+    );
+    push(
+        a,
+        &[
+            "-device",
+            &format!("{},netdev=net0,mac={}", n.device, n.mac),
+        ],
+    );
 }
 
 fn push(a: &mut Vec<String>, items: &[&str]) {
@@ -267,7 +300,39 @@ mod tests {
             run_dir: Path::new("/run/agentlab/vms/1000"),
             run_as,
             version: &v,
+            nic: None,
         })
+    }
+
+    #[test]
+    fn no_nic_unless_asked_and_then_on_the_inherited_tap() {
+        let img = image(vec![]);
+        assert!(value_after(&argv_for(&img, (7, 2), None), "-netdev").is_empty());
+        let v = QemuVersion {
+            major: 7,
+            minor: 2,
+            micro: 0,
+        };
+        let a = argv(&VmSpec {
+            vmid: 1000,
+            hostname: "sbx-1000",
+            accel: AccelKind::Tcg,
+            cores: 1,
+            memory_mb: 256,
+            image: &img,
+            overlay: Path::new("/o.qcow2"),
+            run_dir: Path::new("/run/agentlab/vms/1000"),
+            run_as: None,
+            version: &v,
+            nic: Some(NicSpec {
+                fd: 7,
+                mac: "52:54:00:aa:bb:cc",
+                device: "virtio-net-pci",
+            }),
+        });
+        assert_eq!(value_after(&a, "-netdev"), ["tap,id=net0,fd=7,vhost=off"]);
+        assert!(value_after(&a, "-device")
+            .contains(&"virtio-net-pci,netdev=net0,mac=52:54:00:aa:bb:cc".to_string()));
     }
 
     fn value_after(a: &[String], flag: &str) -> Vec<String> {

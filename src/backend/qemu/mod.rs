@@ -12,17 +12,19 @@ pub mod console;
 pub mod vm;
 
 use std::collections::HashMap;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use self::cmdline::{AccelKind, VmSpec};
+use self::cmdline::{AccelKind, NicSpec, VmSpec};
 use self::vm::{LaunchSpec, Vm, VmPaths};
 use super::{
-    Adoption, Backend, BackendError, BackendStatus, EventSink, Orphan, Provisioned, StopMode,
+    Adoption, Backend, BackendError, BackendStatus, EventSink, Nic, NicSource, Orphan, Provisioned,
+    StopMode,
 };
-use crate::config::{Accel, Config, Profile};
+use crate::config::{Accel, Config, NicModel, Profile};
 use crate::image::default_guest::{self, GuestAgent};
 use crate::image::store::{Image, ImageStore};
 use crate::model::{Disk, Runtime, Sandbox, State};
@@ -48,6 +50,7 @@ pub struct QemuBackend {
     /// One default-guest build at a time.
     build_lock: Mutex<()>,
     sink: EventSink,
+    nics: Option<Arc<dyn NicSource>>,
 }
 
 impl QemuBackend {
@@ -80,7 +83,14 @@ impl QemuBackend {
             vms: Mutex::new(HashMap::new()),
             build_lock: Mutex::new(()),
             sink,
+            nics: None,
         }
+    }
+
+    /// Sandboxes get their NICs from `nics` (the daemon's network).
+    pub fn with_nics(mut self, nics: Arc<dyn NicSource>) -> QemuBackend {
+        self.nics = Some(nics);
+        self
     }
 
     /// Builds the default guest (or its qemu-ga variant) unless it exists
@@ -160,6 +170,7 @@ impl QemuBackend {
         sb: &Sandbox,
         image: &Image,
         version: &QemuVersion,
+        nic: Option<Nic>,
     ) -> Result<LaunchSpec, BackendError> {
         let disk = sb.disk.as_ref().ok_or_else(|| {
             BackendError::host(format!(
@@ -180,6 +191,14 @@ impl QemuBackend {
             run_dir: &paths.run_dir,
             run_as: self.run_as.for_vmid(sb.vmid).as_deref(),
             version,
+            nic: nic.as_ref().map(|n| NicSpec {
+                fd: n.tap.as_raw_fd(),
+                mac: &n.mac,
+                device: match n.model {
+                    NicModel::Virtio => "virtio-net-pci",
+                    NicModel::E1000 => "e1000",
+                },
+            }),
         });
         Ok(LaunchSpec {
             vmid: sb.vmid,
@@ -188,6 +207,7 @@ impl QemuBackend {
             paths,
             ready_on: sb.ready_on.clone(),
             console_max: self.console_max,
+            inherit: nic.map(|n| n.tap).into_iter().collect(),
         })
     }
 
@@ -419,7 +439,11 @@ impl Backend for QemuBackend {
                 sb.vmid, sb.vmid
             )));
         }
-        let spec = self.launch_spec(sb, &image, &version)?;
+        let nic = match &self.nics {
+            Some(source) => source.nic_for(sb)?,
+            None => None,
+        };
+        let spec = self.launch_spec(sb, &image, &version, nic)?;
         let run_dir = spec.paths.run_dir.clone();
         let vm = Vm::launch(spec, self.sink.clone()).map_err(|e| match (self.accel, e) {
             // Nested or quirky KVM hosts can make QEMU abort where TCG works.
@@ -553,7 +577,7 @@ impl Backend for QemuBackend {
         }
         let attached = self.image_of(sb).and_then(|image| {
             let version = self.qemu_version()?;
-            let spec = self.launch_spec(sb, &image, &version)?;
+            let spec = self.launch_spec(sb, &image, &version, None)?;
             Vm::attach(spec, pid, self.sink.clone())
         });
         let vm = match attached {

@@ -16,6 +16,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
@@ -76,6 +77,8 @@ pub struct LaunchSpec {
     /// `console:<marker>` or `running`.
     pub ready_on: String,
     pub console_max: u64,
+    /// Descriptors QEMU inherits (the TAP); closed here once it runs.
+    pub inherit: Vec<std::os::fd::OwnedFd>,
 }
 
 #[derive(Default)]
@@ -101,7 +104,7 @@ pub struct Vm {
 }
 
 impl Vm {
-    pub fn launch(spec: LaunchSpec, sink: EventSink) -> Result<Arc<Vm>, BackendError> {
+    pub fn launch(mut spec: LaunchSpec, sink: EventSink) -> Result<Arc<Vm>, BackendError> {
         prepare_run_dir(&spec.paths.run_dir)?;
         rotate_if_large(&spec.paths.qemu_log, QEMU_LOG_MAX);
         let mut log = OpenOptions::new()
@@ -127,7 +130,14 @@ impl Vm {
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(stderr));
-        let mut child = process::spawn_detached(&mut cmd).map_err(|e| match e.kind() {
+        // QEMU holds its own copies from here on; ours must not keep the
+        // TAP alive after QEMU exits.
+        let inherit = std::mem::take(&mut spec.inherit);
+        let keep: Vec<_> = inherit.iter().map(|fd| fd.as_fd()).collect();
+        let spawned = process::spawn_detached_keeping(&mut cmd, &keep);
+        drop(keep);
+        drop(inherit);
+        let mut child = spawned.map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => BackendError::host(format!(
                 "{} not found; install it: apt-get install qemu-system-x86",
                 spec.binary
