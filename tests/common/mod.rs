@@ -69,9 +69,17 @@ impl Env {
             .open(self.dir.join("daemon.log"))
             .unwrap();
         // nsenter moves only the network namespace (`ip netns exec` would
-        // also give the daemon a mount namespace of its own).
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.netns.name))
+        // also give the daemon a mount namespace of its own). A Proxmox
+        // daemon builds no network and must reach the fake PVE on loopback.
+        let netns = format!("--net=/run/netns/{}", self.netns.name);
+        let own_net = !std::fs::read_to_string(&self.config)
+            .unwrap_or_default()
+            .contains("backend: proxmox");
+        let mut cmd = Command::new("nsenter");
+        if own_net {
+            cmd.arg(netns);
+        }
+        let child = cmd
             .args(["--", BIN, "daemon"])
             .env("AGENTLAB_CONFIG", &self.config)
             .env("AGENTLAB_ACCEL", "tcg")
