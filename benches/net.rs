@@ -399,7 +399,7 @@ fn throughput(t: &Topology) -> (f64, f64) {
         .sh("nft delete table inet agentlab; nft delete table bridge agentlab");
     apply(
         t,
-        "table ip bench { chain post { type nat hook postrouting priority 100; oifname \"up0\" masquerade; } }\n",
+        "table ip bench { chain post { type nat hook postrouting priority 100; oifname \"up0\" masquerade; }; }\n",
     );
     let bare = wget_rate(t);
     t.srv.sh("nft delete table ip bench");

@@ -12,7 +12,10 @@ pub struct Netns {
 impl Netns {
     pub fn new(tag: &str) -> Netns {
         let name = format!("al{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
         run("ip", &["netns", "add", &name]);
         let ns = Netns { name };
         ns.sh("ip link set lo up");
