@@ -343,3 +343,31 @@ fn destroy_and_restart_leave_no_rules_for_the_dead() {
     leased_ip(&env, c);
     assert!(fetch(&env, c, "http://198.51.100.10/").is_some());
 }
+
+#[test]
+fn a_subnet_overlapping_a_host_route_is_refused_with_the_route_named() {
+    let mut env = Env::new("netroute", CONFIG);
+    let _w = world(&env, "rte");
+    // The host already routes part of the sandbox subnet somewhere else.
+    env.netns.sh("ip route add 10.77.8.0/24 via 203.0.113.2");
+    env.start_daemon();
+    let out = env.cli(&["sandbox", "new", "--wait"]);
+    assert!(!out.status.success());
+    let vmid = env.ok(&["sandbox", "list", "--json"]);
+    assert!(vmid.contains("FAILED"), "{vmid}");
+    let logs = env.ok(&["logs", "--tail", "50", "1000"]);
+    assert!(
+        logs.contains("overlaps the host route 10.77.8.0/24 via 203.0.113.2"),
+        "{logs}"
+    );
+    // Sandboxes without a network are unaffected.
+    env.write_profile("off.yaml", "name: offline\nnetwork: { mode: off }\n");
+    env.new_ready(&["--profile", "offline"]);
+    let check = env.cli(&["net", "check"]);
+    assert_eq!(check.status.code(), Some(2));
+    assert!(
+        stdout(&check).contains("10.77.8.0/24"),
+        "{}",
+        stdout(&check)
+    );
+}
