@@ -461,3 +461,28 @@ fn request_with_true_boolean_is_refused_like_pve() {
     );
     let _ = TOKEN;
 }
+
+#[test]
+fn a_daemon_restart_adopts_the_running_proxmox_vm() {
+    let fake = FakePve::start("adopt", 8);
+    let mut env = env_with("pveadopt", &fake);
+    let vmid = env.new_ready(&["--profile", "pve"]);
+    let id = vmid.to_string();
+    env.ok(&["exec", &id, "--", "sh", "-c", "echo before >/root/mark"]);
+    env.kill_daemon();
+    env.start_daemon();
+    assert!(
+        env.wait_state(vmid, "READY", Duration::from_secs(30)),
+        "{}\n{}",
+        env.state(vmid),
+        env.daemon_log()
+    );
+    assert!(
+        env.daemon_log().contains("1 adopted"),
+        "{}",
+        env.daemon_log()
+    );
+    let out = env.ok(&["exec", &id, "--", "cat", "/root/mark"]);
+    assert_eq!(out.trim(), "before");
+    env.ok(&["sandbox", "destroy", &id]);
+}
