@@ -48,7 +48,17 @@ impl Drop for Kill {
     }
 }
 
+/// Removes the scratch directory, also when a measurement panics.
+struct Scratch(std::path::PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 struct Topology {
+    _scratch: Scratch,
     srv: Netns,
     cli: Netns,
     up: Netns,
@@ -88,7 +98,6 @@ fn main() {
     row("DNS cached, p99", ours.3, theirs.3, "ms");
     let (with_ours, bare) = throughput(&t);
     row("wget 200 MB guest → upstream", with_ours, bare, "MB/s");
-    let _ = std::fs::remove_dir_all(&t.dir);
 }
 
 fn row(what: &str, ours: f64, theirs: f64, unit: &str) {
@@ -149,6 +158,7 @@ fn topology() -> Topology {
         .spawn()
         .unwrap();
     Topology {
+        _scratch: Scratch(dir.clone()),
         srv,
         cli,
         up,
