@@ -137,26 +137,15 @@ fn topology() -> Topology {
         .arg(&dir)
         .spawn()
         .unwrap();
-    let resolver = up
-        .command(
-            "dnsmasq",
-            &[
-                "--keep-in-foreground",
-                "--conf-file=/dev/null",
-                "--no-resolv",
-                "--no-hosts",
-                "--bind-interfaces",
-                &format!("--listen-address={UPSTREAM_DNS}"),
-                "--except-interface=eth0",
-                "--address=/bench.test/198.51.100.10",
-                "--local-ttl=300",
-                "--cache-size=0",
-                "--user=root",
-                "--pid-file=",
-            ],
-        )
-        .spawn()
-        .unwrap();
+    let resolver = up.dnsmasq(
+        UPSTREAM_DNS,
+        &[
+            "--except-interface=eth0",
+            "--address=/bench.test/198.51.100.10",
+            "--local-ttl=300",
+            "--cache-size=0",
+        ],
+    );
     Topology {
         _scratch: Scratch(dir.clone()),
         srv,
@@ -360,25 +349,10 @@ fn dns_ours(t: &Topology) -> (f64, f64, f64, f64) {
 }
 
 fn dns_dnsmasq(t: &Topology) -> (f64, f64, f64, f64) {
+    let upstream = format!("--server={UPSTREAM_DNS}");
     let _d = Kill(
         t.srv
-            .command(
-                "dnsmasq",
-                &[
-                    "--keep-in-foreground",
-                    "--conf-file=/dev/null",
-                    "--no-resolv",
-                    "--no-hosts",
-                    "--bind-interfaces",
-                    &format!("--listen-address={GATEWAY}"),
-                    &format!("--server={UPSTREAM_DNS}"),
-                    "--cache-size=10000",
-                    "--user=root",
-                    "--pid-file=",
-                ],
-            )
-            .spawn()
-            .unwrap(),
+            .dnsmasq(&GATEWAY.to_string(), &[&upstream, "--cache-size=10000"]),
     );
     dns_rtts(t, "d")
 }

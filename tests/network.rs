@@ -68,26 +68,15 @@ fn world(env: &Env, tag: &str) -> World {
             .unwrap();
         servers.push(ChildGuard(child));
     }
-    let dns = up
-        .command(
-            "dnsmasq",
-            &[
-                "--keep-in-foreground",
-                "--conf-file=/dev/null",
-                "--no-resolv",
-                "--no-hosts",
-                "--bind-interfaces",
-                "--listen-address=198.51.100.53",
-                "--except-interface=eth0",
-                "--local-ttl=60",
-                "--host-record=allowed.test,198.51.100.10",
-                "--host-record=other.test,198.51.100.11",
-                "--user=root",
-                "--pid-file=",
-            ],
-        )
-        .spawn()
-        .unwrap();
+    let dns = up.dnsmasq(
+        "198.51.100.53",
+        &[
+            "--except-interface=eth0",
+            "--local-ttl=60",
+            "--host-record=allowed.test,198.51.100.10",
+            "--host-record=other.test,198.51.100.11",
+        ],
+    );
     servers.push(ChildGuard(dns));
     World {
         up,

@@ -82,3 +82,24 @@ fn run(program: &str, args: &[&str]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+impl Netns {
+    /// A dnsmasq resolver in the namespace, in the foreground, answering on
+    /// `listen` only, reading no host files; `extra` adds records or an
+    /// upstream (`--server=…`). The caller kills it (or the guard does).
+    pub fn dnsmasq(&self, listen: &str, extra: &[&str]) -> std::process::Child {
+        let listen = format!("--listen-address={listen}");
+        let mut args = vec![
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            &listen,
+            "--user=root",
+            "--pid-file=",
+        ];
+        args.extend_from_slice(extra);
+        self.command("dnsmasq", &args).spawn().unwrap()
+    }
+}
