@@ -147,6 +147,13 @@ fn nat_reaches_the_internet_and_nothing_private() {
         fetch(&env, vmid, "http://198.51.100.10/").as_deref(),
         Some("upstream-ok")
     );
+    // Sandbox names are not for a profile that did not ask for them.
+    let own = exec(
+        &env,
+        vmid,
+        &format!("nslookup sbx-{vmid}.agentlab.internal 10.77.0.1"),
+    );
+    assert!(!own.status.success(), "{}", stdout(&own));
     // Names resolve through the gateway, forwarded upstream.
     assert_eq!(
         fetch(&env, vmid, "http://allowed.test/").as_deref(),

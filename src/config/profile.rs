@@ -62,6 +62,11 @@ pub struct NetworkProfile {
     pub mode: NetworkMode,
     /// Non-empty only when `mode` is `Allowlist`.
     pub allow: Vec<AllowRule>,
+    /// The gateway's DNS answers other sandboxes' names (`<name>.<dns_domain>`)
+    /// and `host`/`gateway` to this sandbox. Resolving is not reaching:
+    /// sandboxes still cannot connect to each other.
+    #[serde(default)]
+    pub local_names: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,7 +110,7 @@ const PROFILE_KEYS: &[&str] = &[
     "storage",
     "behavior",
 ];
-const NETWORK_KEYS: &[&str] = &["bridge", "model", "mode", "allow"];
+const NETWORK_KEYS: &[&str] = &["bridge", "model", "mode", "allow", "local_names"];
 const RESOURCE_KEYS: &[&str] = &["cores", "memory_mb", "balloon"];
 const STORAGE_KEYS: &[&str] = &["root_size_gb", "workspace"];
 const BEHAVIOR_KEYS: &[&str] = &["mode", "keepalive_default", "ttl_minutes_default"];
@@ -128,6 +133,7 @@ impl Default for NetworkProfile {
             model: NicModel::Virtio,
             mode: NetworkMode::Nat,
             allow: Vec::new(),
+            local_names: false,
         }
     }
 }
@@ -247,6 +253,9 @@ fn network_from(parent: &Mapping) -> Read<NetworkProfile> {
             return Err(m.problem_at("allow", why));
         }
         net.allow = items.iter().map(allow_value).collect::<Read<_>>()?;
+    }
+    if let Some(b) = m.opt("local_names", Node::bool)? {
+        net.local_names = b;
     }
     Ok(net)
 }
@@ -706,6 +715,7 @@ mod tests {
                     model: NicModel::Virtio,
                     mode: NetworkMode::Nat,
                     allow: vec![],
+                    local_names: false,
                 },
                 resources: Resources {
                     cores: 2,
@@ -806,6 +816,17 @@ mod tests {
         let profile = parse_one("name: small\nnetwork: { mode: off }\n").unwrap();
 
         assert_eq!(profile.network.mode, NetworkMode::Off);
+    }
+
+    #[test]
+    fn local_names_are_off_unless_asked_for() {
+        let plain = parse_one("name: a\nnetwork: { mode: nat }\n").unwrap();
+        let asked = parse_one("name: b\nnetwork: { mode: nat, local_names: true }\n").unwrap();
+        let bad = parse_one("name: c\nnetwork: { local_names: maybe }\n").unwrap_err();
+
+        assert!(!plain.network.local_names);
+        assert!(asked.network.local_names);
+        assert!(bad.contains("network.local_names"), "{bad}");
     }
 
     #[test]

@@ -55,6 +55,7 @@ struct Member {
     mode: NetworkMode,
     model: NicModel,
     allow: Vec<AllowRule>,
+    local_names: bool,
 }
 
 impl Member {
@@ -73,6 +74,7 @@ impl Member {
             mode: profile.network.mode,
             model: profile.network.model,
             allow: profile.network.allow,
+            local_names: profile.network.local_names,
         })
     }
 
@@ -603,7 +605,7 @@ impl dns::Policy for Policy {
         Some(Client {
             vmid: m.vmid,
             policy,
-            see_local: false,
+            see_local: m.local_names,
         })
     }
 
