@@ -486,3 +486,29 @@ fn a_daemon_restart_adopts_the_running_proxmox_vm() {
     assert_eq!(out.trim(), "before");
     env.ok(&["sandbox", "destroy", &id]);
 }
+
+#[test]
+fn a_vm_no_record_owns_is_an_orphan_that_prune_removes() {
+    let fake = FakePve::start("orphan", 8);
+    let mut env = env_with("pveorphan", &fake);
+    let vmid = env.new_ready(&["--profile", "pve"]);
+    let pve_vmid = env.sandbox(vmid)["runtime"]["pid"].as_u64().unwrap() as u32;
+    // The daemon loses its database: the VM it made is nobody's now.
+    env.kill_daemon();
+    std::fs::remove_dir_all(env.path("data/db")).unwrap();
+    env.start_daemon();
+    let status = env.ok(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let orphans = v["orphans"].as_array().unwrap();
+    assert!(
+        orphans
+            .iter()
+            .any(|o| o["kind"] == "proxmox-vm" && o["vmid"] == pve_vmid),
+        "{status}"
+    );
+    // The template and the non-template VM the fake starts with are not ours.
+    assert_eq!(orphans.len(), 1, "{status}");
+    env.ok(&["sandbox", "prune"]);
+    assert!(fake.with(|s| !s.vms.contains_key(&pve_vmid)));
+    assert!(fake.with(|s| s.vms.contains_key(&9000) && s.vms.contains_key(&9001)));
+}
