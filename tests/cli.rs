@@ -41,6 +41,25 @@ fn usage_error_exits_1() {
 }
 
 #[test]
+fn expose_names_a_bad_port_or_address_before_asking_the_daemon() {
+    let env = Env::new("exposebad", "");
+    for (args, want) in [
+        (&["1000", ":http"][..], "\":http\" is not a port"),
+        (&["1000", ":0"][..], "is not a port"),
+        (
+            &["1000", ":8080", "--bind", "1.2.3"][..],
+            "--bind \"1.2.3\" is not an IPv4 address",
+        ),
+    ] {
+        let mut all = vec!["sandbox", "expose"];
+        all.extend_from_slice(args);
+        let out = env.cli(&all);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(want), "{args:?}: {}", stderr(&out));
+    }
+}
+
+#[test]
 fn no_daemon_and_no_autostart_is_a_clear_host_error() {
     let env = Env::new("nodaemon", "");
     let out = env.cli(&["sandbox", "list"]);

@@ -73,6 +73,13 @@ pub fn expose(g: &Global, c: ExposeCmd) -> Result<(), CliError> {
         .ok()
         .filter(|p| *p > 0)
         .ok_or_else(|| CliError::User(format!("{:?} is not a port; write :8080", c.port)))?;
+    if let Some(b) = &c.bind {
+        b.parse::<std::net::Ipv4Addr>().map_err(|_| {
+            CliError::User(format!(
+                "--bind {b:?} is not an IPv4 address; e.g. 127.0.0.1, or 0.0.0.0 for every address"
+            ))
+        })?;
+    }
     let body = json!({
         "port": port,
         "host_port": c.host_port,
