@@ -527,3 +527,52 @@ fn check_finds_a_foreign_forward_drop_and_the_missing_bridge() {
     let bridge = findings.iter().find(|f| f.what.contains("nfbr0")).unwrap();
     assert_eq!(bridge.level, Level::Ok);
 }
+
+// ---- attacks (review of issue 4) ----
+
+/// Regression: the DNAT of an exposure bound to 127.0.0.1 ran in
+/// `prerouting` before the kernel's martian check, so a neighbour on the
+/// uplink that sent packets for 127.0.0.1 to the host's MAC reached the
+/// guest port the operator meant to keep local.
+#[test]
+fn exposure_bound_to_loopback_is_not_reachable_from_the_uplink() {
+    let lab = Lab::new("x1");
+    lab.apply(&nft::render_table(&lab.plan(vec![sandbox_net(
+        11,
+        "nfa0",
+        NetworkMode::Off,
+    )])));
+    let e = Exposure {
+        name: "sbx-11-8080".into(),
+        vmid: 11,
+        guest_ip: Ipv4Addr::new(10, 77, 0, 11),
+        guest_port: 8080,
+        host_port: 18080,
+        bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        proto: Proto::Tcp,
+    };
+    lab.apply(&nft::render_add_exposure(&e).unwrap());
+    assert!(
+        fetches(&lab.host, "http://127.0.0.1:18080/"),
+        "works locally"
+    );
+    // The neighbour routes 127.0.0.1 to the host, as a hostile LAN peer can.
+    lab.up
+        .sh("ip route del local 127.0.0.0/8 dev lo table local && \
+         ip route del local 127.0.0.1 dev lo table local && \
+         ip route add 127.0.0.1/32 via 203.0.113.1 dev nfupp src 203.0.113.2 && \
+         sysctl -qw net.ipv4.conf.all.route_localnet=1 net.ipv4.conf.nfupp.route_localnet=1 \
+            net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.nfupp.rp_filter=0");
+    // Whether the handshake completes depends on the neighbour accepting
+    // replies from 127.0.0.1; a raw socket does. The guest seeing the SYN is
+    // the breach, so count what arrives there.
+    lab.a.sh("nft add table ip rvseen && \
+         nft add chain ip rvseen input '{ type filter hook input priority 0; }' && \
+         nft add rule ip rvseen input ip saddr 203.0.113.2 tcp dport 8080 counter");
+    fetches(&lab.up, "http://127.0.0.1:18080/");
+    let seen = lab.a.sh("nft list chain ip rvseen input");
+    assert!(
+        seen.contains("counter packets 0 "),
+        "a loopback-bound exposure let the uplink through: {seen}"
+    );
+}

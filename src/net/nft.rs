@@ -30,7 +30,10 @@
 //! the bridge. For 127.0.0.1 the packet leaves with a loopback source, which
 //! the kernel only routes out of a device with `route_localnet` set
 //! (`link::ensure_bridge` sets it on the bridge) and which `postrouting`
-//! masquerades to the gateway address so the guest can answer.
+//! masquerades to the gateway address so the guest can answer. `prerouting`
+//! skips destinations in 127.0.0.0/8: its DNAT runs before the kernel's
+//! martian check, so a neighbour routing 127.0.0.1 to the host would
+//! otherwise reach an exposure bound to loopback.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -269,7 +272,7 @@ fn render_inet_base(s: &mut String, plan: &Plan) {
 \t}}
 \tchain prerouting {{
 \t\ttype nat hook prerouting priority dstnat; policy accept;
-\t\tiifname != {br} jump expose
+\t\tiifname != {br} ip daddr != 127.0.0.0/8 jump expose
 \t}}
 \tchain output {{
 \t\ttype nat hook output priority -100; policy accept;
@@ -858,6 +861,12 @@ mod tests {
         let text = render_add_sandbox(&allowlisted());
         assert!(text.contains("out_12 meta l4proto { tcp, udp } th dport 53 counter"));
         assert!(text.contains("out_12 tcp dport 853 counter"));
+    }
+
+    #[test]
+    fn uplink_traffic_for_loopback_is_never_exposed() {
+        let text = render_table(&plan());
+        assert!(text.contains("iifname != \"agentlab0\" ip daddr != 127.0.0.0/8 jump expose"));
     }
 
     #[test]
