@@ -576,3 +576,46 @@ fn exposure_bound_to_loopback_is_not_reachable_from_the_uplink() {
         "a loopback-bound exposure let the uplink through: {seen}"
     );
 }
+
+/// Regression: in allowlist mode the addresses an allowed name resolved to
+/// were accepted before any range check, so a name whose answer is private
+/// (DNS rebinding: an allowed domain the attacker controls answering with
+/// an intranet host, cloud metadata or another sandbox) opened it.
+#[test]
+fn allowlist_name_resolving_to_a_private_address_opens_nothing() {
+    let lab = Lab::new("x2");
+    let sandboxes = vec![
+        sandbox_net(11, "nfa0", NetworkMode::Allowlist),
+        sandbox_net(12, "nfb0", NetworkMode::Nat),
+    ];
+    lab.apply(&nft::render_table(&lab.plan(sandboxes)));
+    // Cloud metadata, served by the intranet host.
+    lab.intra.sh("ip addr add 169.254.169.254/32 dev lo");
+    lab.host.sh("ip route add 169.254.169.254/32 via 10.99.0.5");
+    assert!(
+        fetches(&lab.host, "http://169.254.169.254/"),
+        "metadata is up"
+    );
+    for addr in [INTRANET, "169.254.169.254", "10.77.0.12", UPSTREAM] {
+        lab.apply(&nft::render_allow_resolved(
+            11,
+            addr.parse().unwrap(),
+            None,
+            Duration::from_secs(60),
+        ));
+    }
+    let reached = fetches_each(
+        &lab.a,
+        &[
+            &format!("http://{UPSTREAM}/"),
+            &format!("http://{INTRANET}/"),
+            "http://169.254.169.254/",
+            "http://10.77.0.12/",
+        ],
+    );
+    assert_eq!(
+        reached,
+        [true, false, false, false],
+        "public, intranet, metadata, sandbox B"
+    );
+}

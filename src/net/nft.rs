@@ -24,6 +24,12 @@
 //! IPv6 from sandboxes is dropped entirely (no `ip6` key in any map, and the
 //! bridge table drops IPv6 frames on sandbox ports).
 //!
+//! Allowlist. Static CIDR and `host:port` entries are accepted first, even
+//! inside private ranges (the operator wrote them); addresses learned from
+//! allowed names (sets `allow4_<vmid>`/`allowp4_<vmid>`) only after the
+//! `blocked4` ranges are rejected, so a name that resolves to an intranet,
+//! link-local (cloud metadata) or sandbox address opens nothing.
+//!
 //! Exposure. A DNAT in `prerouting` (traffic arriving from other hosts) and
 //! in `output` (connections from the host itself, to any of its addresses
 //! including 127.0.0.1), followed by `ct status dnat accept` on the way to
@@ -382,6 +388,11 @@ fn render_allowlist(s: &mut String, sb: &SandboxNet, reject: &str) {
             }
         }
     }
+    // What names resolve to never opens a range `nat` refuses: an allowed
+    // domain whose owner answers with 10.99.0.5, 169.254.169.254 or another
+    // sandbox (DNS rebinding) must not reach it. A profile that wants an
+    // intranet host lists its CIDR, which the rules above accept.
+    let _ = writeln!(s, "add rule {t} out_{v} ip daddr @blocked4 {reject}");
     let _ = writeln!(s, "add rule {t} out_{v} ip daddr @allow4_{v} accept");
     let _ = writeln!(
         s,
@@ -861,6 +872,16 @@ mod tests {
         let text = render_add_sandbox(&allowlisted());
         assert!(text.contains("out_12 meta l4proto { tcp, udp } th dport 53 counter"));
         assert!(text.contains("out_12 tcp dport 853 counter"));
+    }
+
+    #[test]
+    fn allowlist_refuses_private_ranges_before_resolved_addresses() {
+        let text = render_add_sandbox(&allowlisted());
+        let listed = text.find("out_12 ip daddr 198.51.100.0/24 accept").unwrap();
+        let blocked = text.find("out_12 ip daddr @blocked4 counter").unwrap();
+        let resolved = text.find("out_12 ip daddr @allow4_12 accept").unwrap();
+        let resolved_port = text.find("@allowp4_12 accept").unwrap();
+        assert!(listed < blocked && blocked < resolved && blocked < resolved_port);
     }
 
     #[test]
