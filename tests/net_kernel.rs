@@ -619,3 +619,68 @@ fn allowlist_name_resolving_to_a_private_address_opens_nothing() {
         "public, intranet, metadata, sandbox B"
     );
 }
+
+/// A guest that routes 127.0.0.1 to the gateway (the bridge has
+/// `route_localnet`, for loopback exposures) still reaches no host service
+/// but DHCP and DNS on the gateway address.
+#[test]
+fn loopback_through_the_gateway_reaches_no_host_service() {
+    let lab = Lab::new("x3");
+    lab.apply(&nft::render_table(&lab.plan(vec![sandbox_net(
+        11,
+        "nfa0",
+        NetworkMode::Nat,
+    )])));
+    lab.serve(&lab.host, "127.0.0.1:2223");
+    assert!(fetches(&lab.host, "http://127.0.0.1:2223/"), "it serves");
+    lab.a
+        .sh("ip route del local 127.0.0.0/8 dev lo table local && \
+         ip route del local 127.0.0.1 dev lo table local && \
+         ip route add 127.0.0.1/32 via 10.77.0.1 dev eth0 src 10.77.0.11 && \
+         sysctl -qw net.ipv4.conf.all.route_localnet=1 net.ipv4.conf.eth0.route_localnet=1");
+    let before = nft::counters(&lab.listing())
+        .get(&11)
+        .map_or(0, |c| c.dropped_packets);
+    assert!(!fetches(&lab.a, "http://127.0.0.1:2223/"));
+    let after = nft::counters(&lab.listing())[&11].dropped_packets;
+    assert!(after > before, "the packets arrived and were refused");
+}
+
+/// A guest running a DHCP server answers nobody on the bridge but the host:
+/// its port is isolated, so another sandbox's DISCOVER never meets it.
+#[test]
+fn rogue_dhcp_server_in_a_sandbox_leases_nothing_to_another() {
+    let lab = Lab::new("x4");
+    let dir = std::env::temp_dir().join(format!("rv-udhcpd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _cleanup = Cleanup(dir.clone());
+    let conf = dir.join("udhcpd.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "start 10.77.0.100\nend 10.77.0.110\ninterface eth0\nlease_file {}\nopt router 10.77.0.12\n",
+            dir.join("leases").display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.join("leases"), "").unwrap();
+    lab.b.sh(&format!("busybox udhcpd {}", conf.display()));
+    let udhcpc = "timeout 8 busybox udhcpc -n -q -t 3 -T 1 -s /bin/true -i";
+    // Control, before any ruleset: the bridge itself hears the rogue server.
+    assert!(
+        lab.host.try_sh(&format!("{udhcpc} nfbr0")).status.success(),
+        "the rogue server answers"
+    );
+    assert!(
+        !lab.a.try_sh(&format!("{udhcpc} eth0")).status.success(),
+        "sandbox A took a lease from sandbox B"
+    );
+}
+
+struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
