@@ -298,14 +298,24 @@ impl Network {
             .unwrap_or_else(|e| e.into_inner())
             .insert(member.vmid, member);
         let up = crate::daemon::manager::lock(&self.up);
-        if up.is_none() {
+        let r = if up.is_none() {
             drop(up);
             // Bringing the network up renders the table with this member in it.
-            return self.ensure_up();
+            self.ensure_up()
+        } else {
+            self.nft
+                .apply(&script)
+                .map_err(|e| NetError::Host(format!("nftables: {e}")))
+        };
+        if r.is_err() {
+            // No rules, no answers: DHCP and DNS must not serve a sandbox
+            // whose rules never went in.
+            self.members
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&sb.vmid);
         }
-        self.nft
-            .apply(&script)
-            .map_err(|e| NetError::Host(format!("nftables: {e}")))
+        r
     }
 
     /// Destroy: the sandbox's rules, sets and exposures go.
