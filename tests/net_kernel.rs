@@ -397,21 +397,7 @@ fn spoofed_source_address_or_mac_is_dropped_and_counted() {
 
 #[test]
 fn exposure_forwards_a_host_port_until_removed() {
-    let lab = Lab::new("e");
-    lab.apply(&nft::render_table(&lab.plan(vec![sandbox_net(
-        11,
-        "nfa0",
-        NetworkMode::Off,
-    )])));
-    let e = Exposure {
-        name: "sbx-11-8080".into(),
-        vmid: 11,
-        guest_ip: Ipv4Addr::new(10, 77, 0, 11),
-        guest_port: 8080,
-        host_port: 18080,
-        bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        proto: Proto::Tcp,
-    };
+    let (lab, e) = exposure_lab("e", Ipv4Addr::UNSPECIFIED);
     lab.apply(&nft::render_add_exposure(&e).unwrap());
     let local = ["http://127.0.0.1:18080/", "http://10.77.0.1:18080/"];
     assert_eq!(fetches_each(&lab.host, &local), [true, true]);
@@ -536,21 +522,7 @@ fn check_finds_a_foreign_forward_drop_and_the_missing_bridge() {
 /// guest port the operator meant to keep local.
 #[test]
 fn exposure_bound_to_loopback_is_not_reachable_from_the_uplink() {
-    let lab = Lab::new("x1");
-    lab.apply(&nft::render_table(&lab.plan(vec![sandbox_net(
-        11,
-        "nfa0",
-        NetworkMode::Off,
-    )])));
-    let e = Exposure {
-        name: "sbx-11-8080".into(),
-        vmid: 11,
-        guest_ip: Ipv4Addr::new(10, 77, 0, 11),
-        guest_port: 8080,
-        host_port: 18080,
-        bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
-        proto: Proto::Tcp,
-    };
+    let (lab, e) = exposure_lab("x1", Ipv4Addr::LOCALHOST);
     lab.apply(&nft::render_add_exposure(&e).unwrap());
     assert!(
         fetches(&lab.host, "http://127.0.0.1:18080/"),
@@ -683,4 +655,25 @@ impl Drop for Cleanup {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// A lab with sandbox 11 on the bridge and its guest port 8080 described as
+/// exposed on host port 18080 at `bind` (not yet applied).
+fn exposure_lab(tag: &str, bind: Ipv4Addr) -> (Lab, Exposure) {
+    let lab = Lab::new(tag);
+    lab.apply(&nft::render_table(&lab.plan(vec![sandbox_net(
+        11,
+        "nfa0",
+        NetworkMode::Off,
+    )])));
+    let e = Exposure {
+        name: "sbx-11-8080".into(),
+        vmid: 11,
+        guest_ip: Ipv4Addr::new(10, 77, 0, 11),
+        guest_port: 8080,
+        host_port: 18080,
+        bind: IpAddr::V4(bind),
+        proto: Proto::Tcp,
+    };
+    (lab, e)
 }
